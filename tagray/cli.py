@@ -1,0 +1,31 @@
+"""The `tagray` console script: `tagray <command> [args]`; each command is a `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "synth": "generate a synthetic tagged-photo corpus",
+    "split": "assign train/val/test splits by user",
+    "stats": "tag statistics and plots of a manifest",
+    "demo": "run every stage end to end on generated data",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {desc}" for name, desc in COMMANDS.items()]
+        print("usage: tagray <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ntagray: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(f"tagray.commands.{argv[0]}")
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

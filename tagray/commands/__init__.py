@@ -1,0 +1,1 @@
+"""`tagray` subcommands: each module has `main(argv) -> int` (tests call it directly)."""
