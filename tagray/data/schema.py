@@ -38,6 +38,15 @@ class SchemaError(ValueError):
     """A Parquet file that does not follow the tagray data contract."""
 
 
+def describe(t: pa.DataType) -> str:
+    """A type as people write it: `list<string>`, `fixed_size_list<float32>[512]`."""
+    if pa.types.is_fixed_size_list(t):
+        return f"fixed_size_list<{describe(t.value_type)}>[{t.list_size}]"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return f"list<{describe(t.value_type)}>"
+    return str(t)
+
+
 def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
     """Type equality that accepts large_/view string and list variants."""
     strings = (pa.string(), pa.large_string(), pa.string_view())
@@ -64,14 +73,16 @@ def validate(
         if name not in schema.names:
             expected = required.get(name) or optional[name]
             raise SchemaError(
-                f"{source}: missing column '{name}' (expected {expected}); "
+                f"{source}: missing column '{name}' (expected {describe(expected)}); "
                 f"columns present: {', '.join(schema.names)}"
             )
     for name, expected in {**required, **optional}.items():
         if name in schema.names:
             actual = schema.field(name).type
             if not _same_kind(actual, expected):
-                raise SchemaError(f"{source}: column '{name}' has type {actual}; expected {expected}")
+                raise SchemaError(
+                    f"{source}: column '{name}' has type {describe(actual)}; expected {describe(expected)}"
+                )
 
 
 def validate_manifest(table: pa.Table | pa.Schema, source: str, need: Iterable[str] = ()) -> None:
@@ -110,7 +121,7 @@ def validate_features(schema: pa.Schema, source: str) -> int:
     ftype = schema.field("feature").type
     if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.float32()):
         raise SchemaError(
-            f"{source}: column 'feature' has type {ftype}; expected fixed_size_list<float32>[D]"
+            f"{source}: column 'feature' has type {describe(ftype)}; expected fixed_size_list<float32>[D]"
         )
     return ftype.list_size
 

@@ -270,13 +270,14 @@ def generate(cfg: SynthConfig, out: str) -> Corpus:
     group_names = pa.array([f"grp{g:05d}" for g in range(t * cfg.groups_per_concept)])
 
     width = max(6, len(str(n)))
+    image_dir = storage.join(out, "images")
     image_ids = [f"img{i:0{width}d}" for i in range(n)]
     s_rows = np.nonzero(named_set[set_of])[0]
     manifest = pa.table(
         {
             "image_id": pa.array(image_ids),
             "user_id": pa.array([f"user{u:05d}" for u in range(n_users)]).take(pa.array(user_of)),
-            "uri": pa.array([storage.join(out, "images", f"{i}.jpg") for i in image_ids]),
+            "uri": pa.array([f"{image_dir}/{i}.jpg" for i in image_ids]),
             "tags": _lists(rows, tag_values, n),
             "labels": _lists(label_rows, pa.array(words).take(pa.array(label_cols)), n),
             "groups": _lists(g_rows, group_names.take(pa.array(g_ids)), n),
@@ -360,19 +361,22 @@ def write_features(corpus: Corpus, cfg: SynthConfig, uri: str, endpoint_url: str
     fs, path = storage.filesystem_for(uri, endpoint_url)
     if isinstance(fs, pa.fs.LocalFileSystem):
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    starts = np.searchsorted(corpus.label_rows, np.arange(n + 1))
     ids = corpus.manifest.column("image_id")
-    chunk = 65_536
+    chunk = max(1024, min(65_536, 16_000_000 // cfg.concepts))  # keeps the chunk × T weights small
+    starts = np.searchsorted(corpus.label_rows, np.arange(0, n + chunk, chunk).clip(max=n))
     with pq.ParquetWriter(path, out_schema, filesystem=fs) as writer:
-        for lo in range(0, n, chunk):
+        for k, lo in enumerate(range(0, n, chunk)):
             hi = min(n, lo + chunk)
             crng = np.random.default_rng([cfg.seed, 12, lo])
-            a, b = starts[lo], starts[hi]
-            weights = crng.uniform(0.7, 1.3, b - a).astype(np.float32)
-            signal = np.add.reduceat(weights[:, None] * mu[corpus.label_cols[a:b]], starts[lo:hi] - a, axis=0)
-            x = signal + 0.5 * cfg.feature_noise * style[corpus.set_index[lo:hi]]
-            x += cfg.feature_noise / np.sqrt(d) * crng.standard_normal((hi - lo, d), dtype=np.float32)
-            feats = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), d)
+            a, b = starts[k], starts[k + 1]
+            # (chunk, T) visual prominence of each present concept, then x = A μ (BLAS).
+            weights = np.zeros((hi - lo, cfg.concepts), dtype=np.float32)
+            weights[corpus.label_rows[a:b] - lo, corpus.label_cols[a:b]] = crng.uniform(0.7, 1.3, b - a)
+            x = crng.standard_normal((hi - lo, d), dtype=np.float32)
+            x *= cfg.feature_noise / np.sqrt(d)
+            x += weights @ mu
+            x += (0.5 * cfg.feature_noise) * style[corpus.set_index[lo:hi]]
+            feats = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)
             writer.write_table(pa.table({"image_id": ids.slice(lo, hi - lo), "feature": feats}, schema=out_schema))
 
 

@@ -1,0 +1,58 @@
+"""The `tagray` command: each subcommand's main(argv), end to end on local files."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tagray import cli
+from tagray.data import schema
+
+
+@pytest.mark.integration
+def test_synth_split_stats(ray_local, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    assert cli.main(["synth", "--out", str(corpus), "--images", "200", "--seed", "1"]) == 0
+    assert len(list((corpus / "images").glob("*.jpg"))) == 200
+    split = tmp_path / "split.parquet"
+    assert cli.main(["split", "--manifest", str(corpus / "manifest.parquet"), "--out", str(split),
+                     "train=0.6", "val=0.2", "test=0.2"]) == 0
+    assert set(schema.read_manifest(str(split)).column("split").to_pylist()) == {"train", "val", "test"}
+    out = tmp_path / "stats"
+    assert cli.main(["stats", "--manifest", str(split), "--out", str(out), "--split", "train"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["images"] < 200 and stats["labels"]["per_label"]
+    assert {p.name for p in out.glob("*.png")} == {"tag_histogram.png", "tagging_likelihood.png", "accuracy_by_position.png"}
+    assert "median tagging likelihood" in capsys.readouterr().out
+
+
+def test_bad_manifest_exit_2_names_column(tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"image_id": ["a"], "user_id": ["u"], "uri": ["x"]}), bad)
+    assert cli.main(["stats", "--manifest", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "tagray stats: error:" in err and "missing column 'tags'" in err and "bad.parquet" in err
+
+
+def test_bad_override_exit_2(tmp_path, capsys):
+    assert cli.main(["synth", "--out", str(tmp_path), "--features-only", "imagez=5"]) == 2
+    assert "unknown key(s) imagez" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert cli.main([]) == 0
+
+
+@pytest.mark.integration
+def test_demo_end_to_end(ray_local, tmp_path, capsys):
+    assert cli.main(["demo", "--images", "300", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["stages"]) == ["synth", "split", "stats"]
+    assert summary["stages"]["split"]["sizes"]["test"]["images"] > 0
+    out = capsys.readouterr().out
+    assert "summary →" in out and str(tmp_path) in out

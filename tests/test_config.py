@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tagray.config import CONFIG_DIR, ConfigError, load_config, parse_overrides
+from tagray.data.normalize import NonImageLists, NormalizerConfig, TagNormalizer
+from tagray.data.split import SplitConfig
+from tagray.data.synth import SynthConfig
+
+REPO = Path(__file__).resolve().parent.parent
+# Every YAML tagray reads, and the dataclass (or loader) that validates it.
+CONFIG_CLASSES = {
+    "configs/normalize.yaml": NormalizerConfig,
+    "configs/synth.yaml": SynthConfig,
+    "configs/split.yaml": SplitConfig,
+}
+
+
+def test_every_config_file_is_known_and_loads():
+    found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
+             for p in (REPO / d).glob("*.yaml")}
+    assert found == set(CONFIG_CLASSES) | {"configs/non_image_tags.yaml"}
+    for rel, cls in CONFIG_CLASSES.items():
+        text = (REPO / rel).read_text()
+        assert text.startswith("#"), f"{rel} should start with a comment naming its command"
+        assert "tagray " in text.splitlines()[0] + text, f"{rel} should show the command that uses it"
+        cfg = load_config(cls, REPO / rel)
+        assert dataclasses.is_dataclass(cfg)
+    lists = NonImageLists.load("non_image_tags.yaml")
+    assert lists.matches("2012") and lists.matches("nikon") and lists.matches("explore")
+    assert not lists.matches("beach")
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_tags: 20\nmax_tgas: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key\(s\) max_tgas"):
+        load_config(NormalizerConfig, bad)
+
+
+def test_wrong_type_names_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_tags: twenty\n")
+    with pytest.raises(ConfigError, match=r"max_tags: expected int, got 'twenty'"):
+        load_config(NormalizerConfig, bad)
+
+
+def test_overrides_parse_and_win_over_file():
+    cfg = load_config(SplitConfig, CONFIG_DIR / "split.yaml", parse_overrides(["train=0.6", "val=0.2", "test=0.2"]))
+    assert (cfg.train, cfg.val, cfg.test) == (0.6, 0.2, 0.2)
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train"])
+
+
+def test_invalid_values_rejected():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        SplitConfig(train=0.9, val=0.2, test=0.1)
+    with pytest.raises(ConfigError, match="max_tags"):
+        TagNormalizer(NormalizerConfig(max_tags=0))
