@@ -9,6 +9,7 @@ COMMANDS = {
     "synth": "generate a synthetic tagged-photo corpus",
     "split": "assign train/val/test splits by user",
     "stats": "tag statistics and plots of a manifest",
+    "featurize": "images → backbone features on Ray Data (sharded Parquet, errors, resume)",
     "demo": "run every stage end to end on generated data",
 }
 

@@ -50,9 +50,10 @@ def test_unknown_command(capsys):
 
 @pytest.mark.integration
 def test_demo_end_to_end(ray_local, tmp_path, capsys):
-    assert cli.main(["demo", "--images", "300", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--images", "120", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["stages"]) == ["synth", "split", "stats"]
+    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize"]
+    assert summary["stages"]["featurize"]["featurized"] == 120
     assert summary["stages"]["split"]["sizes"]["test"]["images"] > 0
     out = capsys.readouterr().out
     assert "summary →" in out and str(tmp_path) in out

@@ -9,6 +9,7 @@ from tagray.config import CONFIG_DIR, ConfigError, load_config, parse_overrides
 from tagray.data.normalize import NonImageLists, NormalizerConfig, TagNormalizer
 from tagray.data.split import SplitConfig
 from tagray.data.synth import SynthConfig
+from tagray.features.pipeline import FeaturizeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 # Every YAML tagray reads, and the dataclass (or loader) that validates it.
@@ -16,6 +17,7 @@ CONFIG_CLASSES = {
     "configs/normalize.yaml": NormalizerConfig,
     "configs/synth.yaml": SynthConfig,
     "configs/split.yaml": SplitConfig,
+    "configs/featurize.yaml": FeaturizeConfig,
 }
 
 

@@ -1,0 +1,147 @@
+"""Feature shards on disk or object storage: `DIR/part-<run>-<k>.parquet` plus
+`DIR/errors.parquet`. A shard appears under its final name only once it is complete,
+so a killed run leaves nothing half-written behind and a re-run resumes from the
+shards that exist. Every shard carries the backbone identity; files of different
+backbones are never read together.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from tagray.data import schema, storage
+
+SHARD_PATTERN = "part-*.parquet"
+ERRORS_FILE = "errors.parquet"
+ERRORS_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
+)
+
+
+def feature_files(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """The feature files at `uri`: the file itself, or a directory's `part-*.parquet` shards."""
+    fs, path = storage.filesystem_for(uri, endpoint_url)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type == pafs.FileType.NotFound:
+        return []
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.File)
+    return [storage.join(uri, n) for n in names if fnmatch.fnmatch(n, SHARD_PATTERN)]
+
+
+def comparable(identity: dict | None) -> dict | None:
+    """The identity fields that must match for features to be mixed (the weights' URI may
+    move; their digest may not), in JSON form so tuples and lists compare equal."""
+    if identity is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in identity.items() if k != "weights"}))
+
+
+def features_identity(uri: str, endpoint_url: str | None = None) -> dict | None:
+    """The one backbone identity of all feature files at `uri` (None if there are none);
+    SchemaError when they mix backbones."""
+    found: dict | None = None
+    first = None
+    for f in feature_files(uri, endpoint_url):
+        fs, path = storage.filesystem_for(f, endpoint_url)
+        s = pq.read_schema(path, filesystem=fs)
+        schema.validate_features(s, f)
+        ident = schema.backbone_identity(s)
+        if first is None:
+            found, first = ident, f
+        elif comparable(ident) != comparable(found):
+            raise schema.SchemaError(
+                f"{uri}: mixes features of different backbones: {first} has {found}, {f} has {ident}"
+            )
+    return found
+
+
+def read_features(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, dict | None]:
+    """All features at `uri` (a file or a shard directory) and their backbone identity."""
+    files = feature_files(uri, endpoint_url)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no features (expected a .parquet file or {SHARD_PATTERN} shards)")
+    identity = features_identity(uri, endpoint_url)
+    fs, _ = storage.filesystem_for(uri, endpoint_url)
+    paths = [storage.filesystem_for(f, endpoint_url)[1] for f in files]
+    return pq.ParquetDataset(paths, filesystem=fs).read(), identity
+
+
+def featurized_ids(uri: str, endpoint_url: str | None = None) -> pa.Array:
+    """image_ids already featurised at `uri` (empty when there is nothing yet)."""
+    files = feature_files(uri, endpoint_url)
+    if not files:
+        return pa.array([], pa.string())
+    fs, _ = storage.filesystem_for(uri, endpoint_url)
+    paths = [storage.filesystem_for(f, endpoint_url)[1] for f in files]
+    return pq.ParquetDataset(paths, filesystem=fs).read(columns=["image_id"]).column("image_id").combine_chunks()
+
+
+def read_errors(out: str, endpoint_url: str | None = None) -> pa.Table:
+    uri = storage.join(out, ERRORS_FILE)
+    if not storage.exists(uri, endpoint_url):
+        return ERRORS_SCHEMA.empty_table()
+    return schema.read_table(uri, endpoint_url=endpoint_url).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+
+
+def write_errors(table: pa.Table, out: str, endpoint_url: str | None = None) -> str:
+    uri = storage.join(out, ERRORS_FILE)
+    schema.write_table(table.cast(ERRORS_SCHEMA), uri, endpoint_url)
+    return uri
+
+
+class ShardWriter:
+    """Buffers (image_id, feature) rows and writes shards of `shard_rows` rows, each first
+    under a temporary name and then moved into place."""
+
+    def __init__(self, out: str, dim: int, identity: dict, shard_rows: int, endpoint_url: str | None = None):
+        self.out, self.dim, self.shard_rows, self.endpoint_url = out, dim, shard_rows, endpoint_url
+        self.schema = schema.with_backbone_identity(schema.features_schema(dim), identity)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.ids: list[np.ndarray] = []
+        self.feats: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[str] = []
+        self.rows = 0
+        storage.makedirs(out, endpoint_url)
+
+    def add(self, image_ids: np.ndarray, features: np.ndarray) -> None:
+        self.ids.append(np.asarray(image_ids, dtype=object))
+        self.feats.append(np.asarray(features, dtype=np.float32))
+        self.buffered += len(image_ids)
+        while self.buffered >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+
+    def _flush(self, n: int) -> None:
+        ids, feats = np.concatenate(self.ids), np.concatenate(self.feats)
+        self.ids, self.feats = [ids[n:]], [feats[n:]]
+        self.buffered -= n
+        table = pa.table(
+            {
+                "image_id": pa.array(ids[:n].tolist(), pa.string()),
+                "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats[:n].ravel()), self.dim),
+            },
+            schema=self.schema,
+        )
+        name = f"part-{self.run_id}-{len(self.shards):05d}.parquet"
+        final = storage.join(self.out, name)
+        tmp = storage.join(self.out, f"_tmp-{name}")
+        schema.write_table(table, tmp, self.endpoint_url)
+        fs, tmp_path = storage.filesystem_for(tmp, self.endpoint_url)
+        fs.move(tmp_path, storage.filesystem_for(final, self.endpoint_url)[1])
+        self.shards.append(final)
+        self.rows += n
+
