@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"out": out, "stages": {}}
 
     t0 = _stage("synth: rendering a tagged-photo corpus on Ray")
-    synth = synthesize(SynthConfig(images=args.images, seed=args.seed), corpus_dir)
+    # Small demos get smaller users so that every split still holds a few whole users.
+    per_user = min(SynthConfig.images_per_user, max(2.0, args.images / 40))
+    synth = synthesize(SynthConfig(images=args.images, seed=args.seed, images_per_user=per_user), corpus_dir)
     print(f"manifest → {synth['manifest']}\nimages   → {synth['images']}\ntruth    → {synth['truth']}")
     summary["stages"]["synth"] = {**synth, "seconds": time.perf_counter() - t0}
 

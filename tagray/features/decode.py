@@ -1,4 +1,5 @@
-"""Fetch and decode images on CPU (SPEC §2): bytes → RGB → resize shorter side →
+"""Fetch and decode images on CPU (SPEC §2); imports no torch, so the Ray tasks that run
+it start fast: bytes → RGB → resize shorter side →
 centre crop → uint8 HWC. Every failure becomes an `ImageError` with the stage
 (`fetch` or `decode`) and a reason a person can act on; odd modes (CMYK, grayscale,
 palette, alpha, 16-bit) are converted rather than rejected.
@@ -10,6 +11,7 @@ import io
 import warnings
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tagray.data import storage
@@ -81,3 +83,28 @@ def decode(data: bytes, image_size: int, resize_size: int, max_pixels: int) -> n
         raise ImageError("decode", f"decompression bomb: {e}") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError("decode", f"corrupt image: {e}") from None
+
+
+def fetch_and_decode(
+    batch: pa.Table, image_size: int, resize_size: int, max_bytes: int, max_pixels: int, endpoint_url: str | None
+) -> dict[str, np.ndarray]:
+    """CPU task: (image_id, uri) rows → uint8 pixels, or an error stage and reason per row."""
+    ids = batch.column("image_id").to_pylist()
+    uris = batch.column("uri").to_pylist()
+    pixels = np.zeros((len(ids), image_size, image_size, 3), dtype=np.uint8)
+    stage = np.full(len(ids), "", dtype=object)
+    reason = np.full(len(ids), "", dtype=object)
+    for i, uri in enumerate(uris):
+        try:
+            pixels[i] = decode(fetch(uri, max_bytes, endpoint_url), image_size, resize_size, max_pixels)
+        except ImageError as e:
+            stage[i], reason[i] = e.stage, e.reason
+        except Exception as e:  # never let one image stop the run; record what happened
+            stage[i], reason[i] = "decode", f"unexpected {type(e).__name__}: {e}"
+    return {
+        "image_id": np.array(ids, dtype=object),
+        "uri": np.array(uris, dtype=object),
+        "pixels": pixels,
+        "stage": stage,
+        "reason": reason,
+    }

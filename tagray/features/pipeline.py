@@ -30,7 +30,8 @@ from tagray.features.backbone import (
     build_backbone,
     read_weights,
 )
-from tagray.features.decode import ImageError, decode, fetch
+from tagray.features.decode import fetch_and_decode
+from tagray.features.embed import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -64,64 +65,6 @@ class FeaturizeConfig:
 
 class TooManyErrors(RuntimeError):
     """More images failed than `max_error_fraction` allows (everything else is kept)."""
-
-
-def fetch_and_decode(
-    batch: pa.Table, image_size: int, resize_size: int, max_bytes: int, max_pixels: int, endpoint_url: str | None
-) -> dict[str, np.ndarray]:
-    """CPU task: (image_id, uri) rows → uint8 pixels, or an error stage and reason per row."""
-    ids = batch.column("image_id").to_pylist()
-    uris = batch.column("uri").to_pylist()
-    pixels = np.zeros((len(ids), image_size, image_size, 3), dtype=np.uint8)
-    stage = np.full(len(ids), "", dtype=object)
-    reason = np.full(len(ids), "", dtype=object)
-    for i, uri in enumerate(uris):
-        try:
-            pixels[i] = decode(fetch(uri, max_bytes, endpoint_url), image_size, resize_size, max_pixels)
-        except ImageError as e:
-            stage[i], reason[i] = e.stage, e.reason
-        except Exception as e:  # never let one image stop the run; record what happened
-            stage[i], reason[i] = "decode", f"unexpected {type(e).__name__}: {e}"
-    return {
-        "image_id": np.array(ids, dtype=object),
-        "uri": np.array(uris, dtype=object),
-        "pixels": pixels,
-        "stage": stage,
-        "reason": reason,
-    }
-
-
-class Embedder:
-    """Actor: holds the backbone; uint8 pixels → penultimate-layer features (eval mode,
-    inference_mode; channels-last and bf16 autocast on GPU)."""
-
-    def __init__(self, name: str, weights_ref: list, seed: int, torch_threads: int, mean, std) -> None:
-        import ray
-        import torch
-
-        self.torch = torch
-        self.cuda = torch.cuda.is_available()
-        if not self.cuda:
-            torch.set_num_threads(torch_threads)
-        state = ray.get(weights_ref[0]) if weights_ref else None
-        model, self.dim = build_backbone(name, state, seed)
-        self.device = torch.device("cuda" if self.cuda else "cpu")
-        self.model = model.to(self.device, memory_format=torch.channels_last)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        ok = batch["reason"] == ""
-        features = np.zeros((len(ok), self.dim), dtype=np.float32)
-        if ok.any():
-            # (B, H, W, 3) uint8 → (B, 3, H, W) normalised float, channels-last memory
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
-            x = x.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-            x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-                features[ok] = self.model(x).float().cpu().numpy()
-        return {k: batch[k] for k in ("image_id", "uri", "stage", "reason")} | {"feature": features}
 
 
 def _resources(cfg: FeaturizeConfig) -> tuple[bool, int, float]:
@@ -223,7 +166,11 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
             compute=ray.data.ActorPoolStrategy(size=actors),
         )
         t0 = time.perf_counter()
+        first_rows = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if not first_rows:  # start-up: actors loading the backbone, the first blocks decoding
+                first_rows = len(batch["reason"])
+                summary["startup_seconds"] = time.perf_counter() - t0
             ok = batch["reason"] == ""
             writer.add(batch["image_id"][ok], batch["feature"][ok])
             for i in np.nonzero(~ok)[0]:
@@ -231,6 +178,9 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         writer.close()
         summary["pipeline_seconds"] = time.perf_counter() - t0
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]
+        steady = summary["pipeline_seconds"] - summary["startup_seconds"]
+        if pending.num_rows > first_rows and steady > 0:
+            summary["steady_images_per_second"] = (pending.num_rows - first_rows) / steady
     # Errors of images not retried this run are kept; those retried are replaced by this run's outcome.
     retried = pc.is_in(old_errors.column("image_id"), value_set=pending.column("image_id"))
     all_errors = pa.concat_tables([old_errors.filter(pc.invert(retried)), pa.Table.from_pylist(errors, store.ERRORS_SCHEMA)])
