@@ -98,6 +98,12 @@ class TagNormalizer:
         if self.cfg.lemmatize or self.cfg.wordnet_only:
             wordnet()  # fail now, with the setup hint, rather than mid-run
 
+    @classmethod
+    def from_identity(cls, identity: dict) -> TagNormalizer:
+        """The normaliser a saved `identity()` describes (non-image lists from configs/;
+        Vocabulary.load(…, expected=it) then checks that their content is the same)."""
+        return cls(NormalizerConfig(**identity["settings"]))
+
     def identity(self) -> dict:
         """Settings plus the digests that change what the normaliser outputs."""
         ident = {

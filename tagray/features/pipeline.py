@@ -51,7 +51,7 @@ class FeaturizeConfig:
     decode_cpus: float = 0.25  # CPUs reserved per fetch/decode task
     torch_threads: int = 1  # intra-op threads of each CPU actor
     shard_rows: int = 10_000  # rows per output shard (the unit a killed run can lose)
-    block_rows: int = 256  # manifest rows per Ray Data input block
+    block_rows: int = 32  # manifest rows per input block: small blocks let every decode task start at once
     max_bytes: int = 50_000_000  # larger files are errors (fetch stage)
     max_pixels: int = 89_478_485  # larger images are errors (decompression bombs; PIL's default)
     max_error_fraction: float = 0.05  # the run fails when more of its images fail

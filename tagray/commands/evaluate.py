@@ -1,0 +1,69 @@
+"""`tagray evaluate`: tag prediction, annotation and multi-tag retrieval (seed 001 §5, SPEC §6)
+of a trained head on one split, with baselines, as a JSON report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from tagray.commands.common import add_endpoint, command
+from tagray.data import storage
+from tagray.eval.inputs import load_inputs
+from tagray.eval.report import EvalConfig, evaluate_head, plot_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tagray evaluate", description=__doc__)
+    p.add_argument("--model", required=True, help="model directory (trained or calibrated)")
+    p.add_argument("--manifest", required=True, help="manifest with a split column (labels for annotation)")
+    p.add_argument("--features", required=True, help="features of the manifest's images")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--out", required=True, help="report JSON path; plots go next to it")
+    p.add_argument("--no-baselines", action="store_true", help="skip random / prior / user-tag / kNN baselines")
+    add_endpoint(p)
+    return p
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    tp = report.get("tag_prediction")
+    if tp:
+        lines.append(f"tag prediction   P@5 {tp['precision@5']:.3f}  R@5 {tp['recall@5']:.3f}  F1@5 {tp['f1@5']:.3f}")
+    an = report.get("annotation")
+    if an:
+        lines.append(f"annotation       P@5 {an['precision@5']:.3f}  R@5 {an['recall@5']:.3f}  F1@5 {an['f1@5']:.3f}  "
+                     f"mAP_L {an['map_label']:.3f}  mAP_I {an['map_image']:.3f}  AUC micro {an['micro_auc']:.3f}")
+    rt = report.get("retrieval")
+    if rt:
+        lines.append("retrieval        " + "  ".join(f"P@5 {n}-tag {rt[f'p@5_{n}']:.3f}" for n in (1, 2, 3) if f"p@5_{n}" in rt))
+    for name, b in report.get("baselines", {}).items():
+        parts = []
+        if "tag_prediction" in b:
+            parts.append(f"tag F1@5 {b['tag_prediction']['f1@5']:.3f}")
+        if "annotation" in b:
+            parts.append(f"annotation F1@5 {b['annotation']['f1@5']:.3f}")
+        lines.append(f"  baseline {name:<10} " + "  ".join(parts))
+    return lines
+
+
+@command("evaluate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
+    cfg = EvalConfig()
+    report, arrays = evaluate_head(inputs.head.model, inputs.targets, inputs.features, cfg, args.split,
+                                   with_baselines=not args.no_baselines)
+    report["model"] = args.model
+    report["head"] = inputs.head.config.head
+    report["calibrated"] = bool(inputs.head.calibrated.any())
+    report["seconds"] = time.perf_counter() - t0
+    out_dir = args.out.rsplit("/", 1)[0] if "/" in args.out else "."
+    storage.makedirs(out_dir, args.endpoint_url)
+    if not storage.is_remote(args.out):
+        report["plots"] = plot_report(arrays, list(inputs.head.vocab.tags), out_dir)
+    storage.write_text(args.out, json.dumps(report, indent=1), args.endpoint_url)
+    print("\n".join(summary_lines(report)))
+    print(f"report → {args.out}")
+    return 0

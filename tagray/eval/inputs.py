@@ -1,0 +1,42 @@
+"""What calibrate and evaluate read: a saved head, its normaliser, a manifest's targets, features."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from tagray.data import schema, storage
+from tagray.data.normalize import NORMALIZER_FILE, TagNormalizer
+from tagray.features import store
+from tagray.heads.artifact import SavedHead, load_head
+from tagray.heads.targets import build_targets
+
+
+@dataclass
+class Inputs:
+    head: SavedHead
+    normalizer: TagNormalizer
+    targets: pa.Table  # build_targets() of the whole manifest
+    features: pa.Table  # image_id, feature
+
+
+def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None) -> Inputs:
+    """Loads the head with the normaliser it was saved with, and refuses features of a
+    backbone other than the one it was trained on."""
+    saved = storage.join(model_dir, NORMALIZER_FILE)
+    if not storage.exists(saved, endpoint_url):
+        raise FileNotFoundError(f"{model_dir}: not a tagray model (no {NORMALIZER_FILE})")
+    normalizer = TagNormalizer.from_identity(json.loads(storage.read_text(saved, endpoint_url)))
+    head = load_head(model_dir, normalizer, endpoint_url)
+    features, identity = store.read_features(features_uri, endpoint_url)
+    if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):
+        raise schema.SchemaError(
+            f"{features_uri}: features of backbone {identity and identity.get('name')!r} "
+            f"(digest {identity and identity.get('weights_digest')}), but {model_dir} was trained on "
+            f"{head.backbone.get('name')!r} (digest {head.backbone.get('weights_digest')}): featurize with the same backbone"
+        )
+    schema.validate_features(features.schema, features_uri)
+    manifest = schema.read_manifest(manifest_uri, need=("split",), endpoint_url=endpoint_url)
+    return Inputs(head, normalizer, build_targets(manifest, normalizer, head.vocab), features)

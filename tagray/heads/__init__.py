@@ -1,0 +1,1 @@
+"""Tagging heads: pure PyTorch models and losses (no Ray)."""

@@ -1,0 +1,101 @@
+"""A trained linear head on disk (local directory or s3:// prefix):
+
+    weights.safetensors   linear.weight (T×D), linear.bias, EM statistics, β, steps
+    tags.parquet          tag, pi, gamma, beta, calibrated, positives (training images tagged)
+    model.json            head, dim, tags, the HeadConfig, the features' backbone identity
+    normalizer.json       the tag normaliser's settings (loading with another one is an error)
+    vocabulary.json       the tags, in column order
+    metrics.json          training (and calibration) metrics
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tagray.config import from_dict, to_dict
+from tagray.data import schema, storage
+from tagray.data.normalize import TagNormalizer, Vocabulary
+from tagray.heads.fit import HeadConfig
+from tagray.heads.linear import LinearTagger
+
+WEIGHTS_FILE = "weights.safetensors"
+TAGS_FILE = "tags.parquet"
+MODEL_FILE = "model.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class SavedHead:
+    model: LinearTagger
+    vocab: Vocabulary
+    config: HeadConfig
+    backbone: dict | None  # identity of the features it was trained on
+    positives: np.ndarray  # training images carrying each tag
+    calibrated: np.ndarray  # tags whose β was fitted on labelled images
+    metrics: dict = field(default_factory=dict)
+
+
+def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) -> str:
+    storage.makedirs(directory, endpoint_url)
+    m = head.model
+    state = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), st_save(state), endpoint_url)
+    gamma = m.gamma()
+    tags = pa.table(
+        {
+            "tag": pa.array(head.vocab.tags, pa.string()),
+            "pi": m.pi().numpy().astype(np.float32),
+            "gamma": (gamma if gamma is not None else torch.ones(m.tags)).numpy().astype(np.float32),
+            "beta": m.beta.numpy().astype(np.float32),
+            "calibrated": head.calibrated.astype(bool),
+            "positives": head.positives.astype(np.int64),
+        }
+    )
+    schema.write_table(tags, storage.join(directory, TAGS_FILE), endpoint_url)
+    meta = {
+        "head": head.config.head,
+        "dim": m.dim,
+        "tags": m.tags,
+        "config": to_dict(head.config),
+        "backbone": head.backbone,
+        "vocabulary_version": head.vocab.version,
+    }
+    storage.write_text(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(head.metrics, indent=1, default=str), endpoint_url)
+    head.vocab.save(directory)
+    return directory
+
+
+def load_head(
+    directory: str, normalizer: TagNormalizer | None = None, endpoint_url: str | None = None
+) -> SavedHead:
+    """Reads a saved head; NormalizerMismatch when `normalizer` differs from the saved one."""
+    if not storage.exists(storage.join(directory, MODEL_FILE), endpoint_url):
+        raise FileNotFoundError(f"{directory}: not a tagray model (no {MODEL_FILE}); train one with `tagray train`")
+    meta = json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))
+    cfg = from_dict(HeadConfig, meta["config"], f"{directory}/{MODEL_FILE}")
+    vocab = Vocabulary.load(directory, normalizer)
+    if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
+        raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
+    model = LinearTagger(meta["dim"], meta["tags"], cfg.em() if cfg.robust else None)
+    model.load_state_dict(st_load(storage.read_bytes(storage.join(directory, WEIGHTS_FILE), endpoint_url)))
+    model.eval()
+    tags = schema.read_table(storage.join(directory, TAGS_FILE), endpoint_url=endpoint_url)
+    metrics_uri = storage.join(directory, METRICS_FILE)
+    metrics = json.loads(storage.read_text(metrics_uri, endpoint_url)) if storage.exists(metrics_uri, endpoint_url) else {}
+    return SavedHead(
+        model=model,
+        vocab=vocab,
+        config=cfg,
+        backbone=meta.get("backbone"),
+        positives=tags.column("positives").to_numpy(),
+        calibrated=tags.column("calibrated").to_numpy(zero_copy_only=False),
+        metrics=metrics,
+    )

@@ -1,0 +1,131 @@
+"""Training settings of the linear heads and an in-process trainer (one process, no Ray).
+
+`tagray train` runs the same `em_step` data-parallel on Ray Train (tagray/train); this
+module is what tests, benchmarks and small corpora use directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from tagray.config import ConfigError
+from tagray.heads.linear import EMConfig, LinearTagger, Reducer, em_step
+
+log = logging.getLogger(__name__)
+
+HEADS = ("lr", "rlr")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    head: str = "rlr"  # lr: logistic regression (seed 001 §4.1); rlr: robust LR by stochastic EM (§4.2–4.3)
+    epochs: int = 20  # passes over the training images
+    batch_size: int = 500  # images per minibatch, over all workers (the paper: 500)
+    optimizer: str = "adam"  # adam | sgd (momentum 0.9)
+    lr: float = 0.003  # learning rate
+    weight_decay: float = 0.0  # L2 on W (decoupled for adam)
+    seed: int = 0  # initial shuffle order and data order
+    eta: float = 0.01  # EM: step size of the running statistics (eq. 10)
+    pi_init: float = 0.3  # EM: π₀ < 1 (π = 1 is a fixed point); measured medians are 0.18–0.38 (SPEC §1)
+    pi_min: float = 0.02  # EM: lower bound on π (seed 001 §3.4: smallest measured rate 2 %)
+    pi_max: float = 0.99  # EM: upper bound on π
+    learn_gamma: bool = False  # EM: learn γ = P(y=0|z=0) (eq. 83)
+    gamma_init: float = 0.995  # EM: γ₀ < 1 when learned (γ = 1 is a fixed point)
+    gamma_min: float = 0.9  # EM: lower bound on γ
+    warmup_steps: int = 0  # EM: plain LR steps first
+    checkpoint_every: int = 200  # Ray Train: steps between checkpoints (and on finish)
+    normalizer: str = "normalize.yaml"  # tag normaliser settings (path, or name in configs/)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ConfigError("epochs, batch_size and checkpoint_every must be ≥ 1")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        try:
+            self.em()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    @property
+    def robust(self) -> bool:
+        return self.head == "rlr"
+
+    def em(self) -> EMConfig:
+        return EMConfig(
+            eta=self.eta, pi_init=self.pi_init, pi_min=self.pi_min, pi_max=self.pi_max,
+            learn_gamma=self.learn_gamma, gamma_init=self.gamma_init, gamma_min=self.gamma_min, warmup_steps=self.warmup_steps,
+        )
+
+
+def make_optimizer(model: LinearTagger, cfg: HeadConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def new_model(dim: int, tags: int, cfg: HeadConfig, tag_rate: torch.Tensor) -> LinearTagger:
+    """A zero-initialised head whose bias starts at logit(tag rate) and whose EM
+    statistics start at π₀ (LinearTagger.init_statistics)."""
+    torch.manual_seed(cfg.seed)
+    model = LinearTagger(dim, tags, cfg.em() if cfg.robust else None)
+    rate = tag_rate.clamp(1e-4, 1 - 1e-4)
+    with torch.no_grad():
+        z_rate = (rate / cfg.pi_init).clamp(max=0.5) if cfg.robust else rate
+        model.linear.bias.copy_(torch.logit(z_rate))
+    model.init_statistics(tag_rate)
+    return model
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    return max(1, rows // batch_size)
+
+
+def fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: HeadConfig,
+    model: LinearTagger | None = None,
+    reduce: Reducer | None = None,
+    on_epoch=None,
+) -> LinearTagger:
+    """Trains a head on in-memory features `x` (N, D) and multi-hot tags `y` (N, T)."""
+    if len(x) == 0:
+        raise ValueError("no training images")
+    model = model or new_model(x.shape[1], y.shape[1], cfg, y.mean(0))
+    opt = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batch = min(cfg.batch_size, len(x))
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        losses = []
+        for i in range(steps_per_epoch(len(x), batch)):
+            idx = order[i * batch : (i + 1) * batch]
+            losses.append(em_step(model, opt, x[idx], y[idx], reduce).loss)
+        if on_epoch is not None:
+            on_epoch(epoch, float(np.mean(losses)), float(model.pi().mean()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss is {losses[-1]} at epoch {epoch}: lower lr")
+    return model
+
+
+def align(features: pa.Table, image_ids: pa.Array | pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
+    """Feature rows of `image_ids`, in that order, as (M, D) float32, and the positions
+    (into image_ids) that have features; images without features are left out."""
+    where = pc.index_in(image_ids, value_set=features.column("image_id"))
+    found = np.nonzero(pc.is_valid(where).to_numpy(zero_copy_only=False))[0]
+    rows = pc.fill_null(where, 0).to_numpy(zero_copy_only=False)[found].astype(np.int64)
+    flat = features.column("feature").combine_chunks()
+    dim = flat.type.list_size
+    values = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return torch.from_numpy(np.ascontiguousarray(values[rows], dtype=np.float32)), found

@@ -1,0 +1,81 @@
+"""Targets of the heads: a manifest's normalised tags (y) and labels (z) as vocabulary ids.
+
+Kept sparse (one list of ids per image) until a minibatch is densified, so a corpus of
+millions of images × thousands of tags never exists as a dense matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from tagray.data.normalize import TagNormalizer, Vocabulary, lookup_coo
+
+TARGETS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("split", pa.string()),
+        ("tag_ids", pa.list_(pa.int32())),  # in-vocabulary normalised user tags (y = 1)
+        ("label_ids", pa.list_(pa.int32())),  # in-vocabulary ground-truth labels (z = 1)
+        ("labelled", pa.bool_()),  # the image carries ground-truth labels (may be an empty list)
+    ]
+)
+
+
+def _id_lists(rows: np.ndarray, cols: np.ndarray, n: int) -> pa.ListArray:
+    order = np.lexsort((cols, rows))
+    rows, cols = rows[order], cols[order]
+    keep = np.r_[True, (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])] if len(rows) else np.zeros(0, bool)
+    rows, cols = rows[keep], cols[keep]
+    offsets = np.searchsorted(rows, np.arange(n + 1)).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(cols.astype(np.int32)))
+
+
+def build_targets(manifest: pa.Table, normalizer: TagNormalizer, vocab: Vocabulary) -> pa.Table:
+    """One row per image: its tag ids and (where the manifest has labels) label ids.
+
+    Labels go through the same normaliser as tags, so the label `cars` is the tag `car`.
+    """
+    n = manifest.num_rows
+    tag_lists = _id_lists(*vocab.to_coo(normalizer.normalize_lists(manifest.column("tags"))), n)
+    if "labels" in manifest.column_names:
+        raw = manifest.column("labels").combine_chunks()
+        labelled = pc.invert(pc.is_null(raw))
+        every_label = TagNormalizer(dataclasses.replace(normalizer.cfg, max_tags=10_000))  # labels are not cut at 20
+        label_lists = _id_lists(*lookup_coo(every_label.normalize_lists(raw), vocab.tags), n)
+    else:
+        labelled = pa.array(np.zeros(n, bool))
+        label_lists = _id_lists(np.zeros(0, np.int64), np.zeros(0, np.int64), n)
+    split = manifest.column("split") if "split" in manifest.column_names else pa.nulls(n, pa.string())
+    return pa.table(
+        {
+            "image_id": manifest.column("image_id"),
+            "split": split,
+            "tag_ids": tag_lists,
+            "label_ids": label_lists,
+            "labelled": labelled,
+        },
+        schema=TARGETS_SCHEMA,
+    )
+
+
+def label_vocabulary(targets: pa.Table, tags: int) -> np.ndarray:
+    """Indices of the tags that occur as a ground-truth label somewhere (the annotation tags)."""
+    flat = pc.list_flatten(targets.column("label_ids")).to_numpy()
+    return np.unique(flat).astype(np.int64) if len(flat) else np.zeros(0, np.int64)
+
+
+def dense(lists: pa.Array | pa.ChunkedArray, tags: int) -> torch.Tensor:
+    """A multi-hot (N, T) float32 tensor from lists of ids."""
+    arr = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    n = len(arr)
+    out = torch.zeros(n, tags)
+    rows = pc.list_parent_indices(arr).to_numpy()
+    cols = pc.list_flatten(arr).to_numpy()
+    if len(cols):
+        out[torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))] = 1.0
+    return out

@@ -1,0 +1,1 @@
+"""Ray Train wiring of the heads: data input, per-worker loop, driver."""

@@ -1,0 +1,113 @@
+"""`tagray train` / `calibrate` / `evaluate` on a local Ray: data-parallel equivalence,
+resume, the model directory, the report's keys, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.compute as pc
+import pytest
+
+from tagray import cli
+from tagray.data.schema import read_manifest, write_manifest
+from tagray.data.split import SplitConfig, assign_splits
+from tagray.data.synth import SynthConfig, synthesize
+
+COMMON = ["epochs=4", "lr=0.01", "worker_cpus=0.5", "checkpoint_every=10"]
+
+
+@pytest.fixture(scope="module")
+def small(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train")
+    written = synthesize(SynthConfig(images=8000, seed=2, feature_dim=64), str(out / "corpus"), features_only=True)
+    manifest = str(out / "manifest.parquet")
+    write_manifest(assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0)), manifest)
+    return {"dir": out, "manifest": manifest, "features": written["features"]}
+
+
+def _train(small, name: str, *extra: str) -> dict:
+    out = small["dir"] / name
+    argv = ["train", "--manifest", small["manifest"], "--features", small["features"], "--out", str(out), *extra, *COMMON]
+    assert cli.main(argv) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _evaluate(small, model: str) -> dict:
+    report = small["dir"] / f"{model}-report" / "report.json"
+    argv = ["evaluate", "--model", str(small["dir"] / model), "--manifest", small["manifest"],
+            "--features", small["features"], "--out", str(report)]
+    assert cli.main(argv) == 0
+    return json.loads(report.read_text())
+
+
+@pytest.mark.integration
+def test_two_workers_match_one_and_share_pi(small):
+    one = _train(small, "rlr1", "--head", "rlr", "--workers", "1")
+    two = _train(small, "rlr2", "--head", "rlr", "--workers", "2")
+    assert two["replica_pi_max_diff"] == 0.0  # the all-reduced EM statistics keep replicas identical
+    assert one["steps"] == two["steps"]  # the same global batch
+    assert two["mean_pi"] == pytest.approx(one["mean_pi"], abs=0.02)
+    r1, r2 = _evaluate(small, "rlr1"), _evaluate(small, "rlr2")
+    assert r2["tag_prediction"]["f1@5"] == pytest.approx(r1["tag_prediction"]["f1@5"], abs=0.02)
+    assert r2["annotation"]["map_label"] == pytest.approx(r1["annotation"]["map_label"], abs=0.03)
+    # Stable report keys (README) and the model beats the random baseline.
+    for key in ("precision@5", "recall@5", "f1@5"):
+        assert key in r1["tag_prediction"]
+    for key in ("precision@5", "recall@5", "f1@5", "map_label", "map_image", "micro_auc", "macro_auc"):
+        assert key in r1["annotation"]
+    assert {"p@5_1", "p@5_2", "p@5_3"} <= set(r1["retrieval"])
+    assert r1["annotation"]["map_label"] > r1["baselines"]["random"]["annotation"]["map_label"] + 0.2
+    assert (small["dir"] / "rlr1-report" / "pi_vs_measured.png").stat().st_size > 0
+
+
+@pytest.mark.integration
+def test_model_directory_and_resume(small):
+    first = _train(small, "resume", "--head", "rlr")
+    model = small["dir"] / "resume"
+    for name in ("weights.safetensors", "tags.parquet", "model.json", "normalizer.json", "vocabulary.json",
+                 "metrics.json", "training.png"):
+        assert (model / name).exists(), name
+    # Re-running with more epochs continues from the last checkpoint: the step count goes on
+    # and only the new epochs are trained.
+    argv = ["train", "--manifest", small["manifest"], "--features", small["features"], "--out", str(model),
+            "--head", "rlr", *COMMON[1:], "epochs=6"]
+    assert cli.main(argv) == 0
+    second = json.loads((model / "metrics.json").read_text())
+    per_epoch = first["steps"] // 4
+    assert second["steps"] == 6 * per_epoch
+    assert [h["epoch"] for h in second["history"] if "epoch_seconds" in h][0] >= 5
+
+
+@pytest.mark.integration
+def test_calibrate_writes_a_new_model_with_beta(small):
+    _train(small, "lr", "--head", "lr")
+    out = small["dir"] / "lr-cal"
+    argv = ["calibrate", "--model", str(small["dir"] / "lr"), "--manifest", small["manifest"],
+            "--features", small["features"], "--out", str(out), "--max-images", "300"]
+    assert cli.main(argv) == 0
+    import pyarrow.parquet as pq
+
+    tags = pq.read_table(out / "tags.parquet")
+    calibrated = tags.filter(tags.column("calibrated"))
+    assert calibrated.num_rows == 40  # every concept of the corpus is a label tag
+    assert pc.max(pc.abs(calibrated.column("beta"))).as_py() > 0
+    assert json.loads((out / "metrics.json").read_text())["calibration"]["images"] == 300
+    report = _evaluate(small, "lr-cal")
+    assert report["calibrated"] is True and "pi" not in report  # LR has no π
+
+
+@pytest.mark.integration
+def test_errors_are_clear(small, tmp_path, capsys):
+    base = ["--manifest", small["manifest"], "--features", small["features"]]
+    assert cli.main(["train", *base, "--out", str(tmp_path / "m"), "head=svm"]) == 2
+    assert "head must be one of lr, rlr" in capsys.readouterr().err
+    assert cli.main(["train", *base, "--out", str(tmp_path / "m"), "learning_rate=1"]) == 2
+    assert "unknown key(s) learning_rate" in capsys.readouterr().err
+    no_train = read_manifest(small["manifest"])
+    no_train = no_train.filter(pc.not_equal(no_train.column("split"), "train"))
+    write_manifest(no_train, str(tmp_path / "no_train.parquet"))
+    argv = ["train", "--manifest", str(tmp_path / "no_train.parquet"), "--features", small["features"], "--out", str(tmp_path / "m")]
+    assert cli.main(argv) == 2
+    assert "train split is empty" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--model", str(tmp_path / "nothing"), *base, "--out", str(tmp_path / "r.json")]) == 2
+    assert "not a tagray model" in capsys.readouterr().err
