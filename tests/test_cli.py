@@ -50,10 +50,13 @@ def test_unknown_command(capsys):
 
 @pytest.mark.integration
 def test_demo_end_to_end(ray_local, tmp_path, capsys):
-    assert cli.main(["demo", "--images", "120", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--images", "160", "--epochs", "3", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize"]
-    assert summary["stages"]["featurize"]["featurized"] == 120
+    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize", "train", "calibrate", "evaluate"]
+    assert summary["stages"]["featurize"]["featurized"] == 160
+    assert summary["stages"]["calibrate"]["tags"] > 0
+    report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
+    assert {"tag_prediction", "annotation", "retrieval", "baselines"} <= set(report)
     assert summary["stages"]["split"]["sizes"]["test"]["images"] > 0
     out = capsys.readouterr().out
     assert "summary →" in out and str(tmp_path) in out

@@ -19,12 +19,20 @@ CONFIG_CLASSES = {
     "configs/split.yaml": SplitConfig,
     "configs/featurize.yaml": FeaturizeConfig,
 }
+# `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
+TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml")
 
 
 def test_every_config_file_is_known_and_loads():
     found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
              for p in (REPO / d).glob("*.yaml")}
-    assert found == set(CONFIG_CLASSES) | {"configs/non_image_tags.yaml"}
+    assert found == set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | {"configs/non_image_tags.yaml"}
+    from tagray.commands.train import load_settings
+
+    for rel in TRAIN_CONFIGS:
+        head, run = load_settings(str(REPO / rel), {})
+        assert head.head == Path(rel).stem and run.workers >= 1
+        assert (REPO / rel).read_text().startswith("#")
     for rel, cls in CONFIG_CLASSES.items():
         text = (REPO / rel).read_text()
         assert text.startswith("#"), f"{rel} should start with a comment naming its command"

@@ -29,7 +29,8 @@ class HeadConfig:
     epochs: int = 20  # passes over the training images
     batch_size: int = 500  # images per minibatch, over all workers (the paper: 500)
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
-    lr: float = 0.003  # learning rate
+    lr: float = 0.01  # learning rate (peak, with the cosine schedule)
+    schedule: str = "cosine"  # constant | cosine (to 0 over all epochs: ends near the optimum, not around it)
     weight_decay: float = 0.0  # L2 on W (decoupled for adam)
     seed: int = 0  # initial shuffle order and data order
     eta: float = 0.01  # EM: step size of the running statistics (eq. 10)
@@ -46,6 +47,8 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
@@ -72,6 +75,13 @@ def make_optimizer(model: LinearTagger, cfg: HeadConfig) -> torch.optim.Optimize
     if cfg.optimizer == "adam":
         return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: HeadConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule over the whole run (`total_steps` optimiser steps)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 def new_model(dim: int, tags: int, cfg: HeadConfig, tag_rate: torch.Tensor) -> LinearTagger:
@@ -106,12 +116,15 @@ def fit(
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.batch_size, len(x))
+    per_epoch = steps_per_epoch(len(x), batch)
+    schedule = make_scheduler(opt, cfg, cfg.epochs * per_epoch)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x), generator=gen)
         losses = []
-        for i in range(steps_per_epoch(len(x), batch)):
+        for i in range(per_epoch):
             idx = order[i * batch : (i + 1) * batch]
             losses.append(em_step(model, opt, x[idx], y[idx], reduce).loss)
+            schedule.step()
         if on_epoch is not None:
             on_epoch(epoch, float(np.mean(losses)), float(model.pi().mean()))
         if not math.isfinite(losses[-1]):

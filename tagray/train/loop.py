@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tagray.config import from_dict
-from tagray.heads.fit import HeadConfig, make_optimizer, new_model
+from tagray.heads.fit import HeadConfig, make_optimizer, make_scheduler, new_model
 from tagray.heads.linear import LinearTagger, em_step
 from tagray.train.data import PAD
 
@@ -32,9 +32,9 @@ def multi_hot(tag_ids: np.ndarray, tags: int) -> torch.Tensor:
     return y
 
 
-def _save(model: LinearTagger, opt: torch.optim.Optimizer, epoch: int, directory: str) -> None:
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch},
-               os.path.join(directory, STATE_FILE))
+def _save(model: LinearTagger, opt, schedule, epoch: int, history: list[dict], directory: str) -> None:
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+                "epoch": epoch, "history": history}, os.path.join(directory, STATE_FILE))
 
 
 def load_state(directory: str) -> dict:
@@ -53,14 +53,19 @@ def train_loop(config: dict) -> None:
     tags, dim = config["tags"], config["dim"]
     model = new_model(dim, tags, cfg, torch.tensor(config["tag_rate"], dtype=torch.float32))
     opt = make_optimizer(model, cfg)
+    per_worker = max(1, cfg.batch_size // world)
+    schedule = make_scheduler(opt, cfg, cfg.epochs * (config["train_images"] // (per_worker * world)))
     start_epoch = 0
+    history: list[dict] = []  # one row per finished epoch; travels in the checkpoints
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_state(d)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
         start_epoch = state["epoch"]
+        history = list(state.get("history", []))
         if rank == 0:
             print(f"[train] resuming at epoch {start_epoch}, step {int(model.steps)}", flush=True)
     device = ray.train.torch.get_device()
@@ -71,7 +76,6 @@ def train_loop(config: dict) -> None:
             dist.all_reduce(t)
             return t
 
-    per_worker = max(1, cfg.batch_size // world)
     shard = ray.train.get_dataset_shard("train")
     steps_at_start = int(model.steps)
     for epoch in range(start_epoch, cfg.epochs):
@@ -85,12 +89,14 @@ def train_loop(config: dict) -> None:
             y = multi_hot(batch["tag_ids"], tags).to(device)
             result = em_step(model, opt, x, y, reduce, n_total=per_worker * world, forward=ddp)
             losses.append(result.loss)
+            schedule.step()
             step = int(model.steps)
             if step % cfg.checkpoint_every == 0 and step > steps_at_start:
-                _report(model, opt, epoch, step, losses, rank, checkpoint_now=True, last_epoch_done=epoch)
+                _report(model, (opt, schedule), epoch, step, losses, rank, history, checkpoint_now=True, last_epoch_done=epoch)
         loss = float(np.mean(losses)) if losses else float("nan")
         metrics = {"epoch": epoch + 1, "step": int(model.steps), "loss": loss, "mean_pi": float(model.pi().mean()),
-                   "epoch_seconds": time.perf_counter() - t0, "steps_in_epoch": len(losses)}
+                   "epoch_seconds": time.perf_counter() - t0, "steps_in_epoch": len(losses),
+                   "run_started_at_step": steps_at_start}
         if rank == 0:
             print(f"[train] epoch {epoch + 1}/{cfg.epochs} step {metrics['step']} loss {loss:.4f} "
                   f"mean π {metrics['mean_pi']:.3f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
@@ -99,11 +105,12 @@ def train_loop(config: dict) -> None:
             gathered = [torch.empty_like(model.pi()) for _ in range(world)]
             dist.all_gather(gathered, model.pi().contiguous())
             metrics["replica_pi_max_diff"] = float(torch.stack(gathered).sub(model.pi()).abs().max())
-        _report(model, opt, epoch + 1, int(model.steps), losses, rank, checkpoint_now=final, metrics=metrics,
+        history.append(metrics)
+        _report(model, (opt, schedule), epoch + 1, int(model.steps), losses, rank, history, checkpoint_now=final, metrics=metrics,
                 last_epoch_done=epoch + 1)
 
 
-def _report(model, opt, epoch, step, losses, rank, checkpoint_now: bool, metrics: dict | None = None,
+def _report(model, optimizers, epoch, step, losses, rank, history, checkpoint_now: bool, metrics: dict | None = None,
             last_epoch_done: int = 0) -> None:
     """Every worker reports (a barrier); rank 0 attaches the checkpoint. A mid-epoch
     checkpoint records the epoch it is in, so a restart repeats that epoch's data."""
@@ -113,7 +120,7 @@ def _report(model, opt, epoch, step, losses, rank, checkpoint_now: bool, metrics
                           "mean_pi": float(model.pi().mean())}
     if checkpoint_now and rank == 0:
         with tempfile.TemporaryDirectory() as d:
-            _save(model, opt, last_epoch_done, d)
+            _save(model, *optimizers, last_epoch_done, history, d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)

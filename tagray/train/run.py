@@ -104,7 +104,7 @@ def train_head(
         train_loop,
         train_loop_config={
             "head": to_dict(cfg), "tags": len(vocab), "dim": dim, "tag_rate": tag_rate.tolist(),
-            "torch_threads": run.torch_threads,
+            "torch_threads": run.torch_threads, "train_images": n_train,
         },
         scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpu,
                                      resources_per_worker={"CPU": run.worker_cpus, **({"GPU": 1} if run.gpu else {})}),
@@ -123,7 +123,7 @@ def train_head(
         state = load_state(d)
     model = LinearTagger(dim, len(vocab), cfg.em() if cfg.robust else None)
     model.load_state_dict(state["model"])
-    history = _history(result)
+    history = state.get("history", [])
     metrics = {
         "head": cfg.head,
         "train_images": n_train,
@@ -143,15 +143,6 @@ def train_head(
     )
     plot_history(history, out)
     return metrics
-
-
-def _history(result) -> list[dict]:
-    frame = getattr(result, "metrics_dataframe", None)
-    if frame is None or len(frame) == 0:
-        return [result.metrics] if result.metrics else []
-    keep = [c for c in ("epoch", "step", "loss", "mean_pi", "epoch_seconds", "replica_pi_max_diff") if c in frame.columns]
-    rows = frame[keep].to_dict("records")
-    return [r for r in rows if "epoch_seconds" in r and r["epoch_seconds"] == r["epoch_seconds"]] or rows
 
 
 def plot_history(history: list[dict], out: str) -> str | None:
