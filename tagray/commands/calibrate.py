@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tagray.commands.common import add_endpoint, command
+from tagray.commands.common import add_endpoint, add_model_inputs, command
 from tagray.config import ConfigError
 from tagray.data.schema import SchemaError
 from tagray.eval.inputs import load_inputs
@@ -22,9 +22,7 @@ from tagray.heads.targets import dense, label_vocabulary
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray calibrate", description=__doc__)
-    p.add_argument("--model", required=True, help="trained model directory")
-    p.add_argument("--manifest", required=True, help="manifest with labels and a split column")
-    p.add_argument("--features", required=True, help="features of the manifest's images")
+    add_model_inputs(p, "trained model directory", "manifest with labels and a split column")
     p.add_argument("--out", required=True, help="the calibrated model directory")
     p.add_argument("--split", default="val", help="split whose labelled images calibrate (default val)")
     p.add_argument("--max-images", type=int, default=None, help="use at most N labelled images (seeded sample)")

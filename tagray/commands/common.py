@@ -21,6 +21,13 @@ def add_overrides(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help=f"override a {what} setting")
 
 
+def add_model_inputs(parser: argparse.ArgumentParser, model_help: str, manifest_help: str) -> None:
+    """--model, --manifest, --features: what calibrate and evaluate read."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--manifest", required=True, help=manifest_help)
+    parser.add_argument("--features", required=True, help="features of the manifest's images")
+
+
 def add_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--endpoint-url",

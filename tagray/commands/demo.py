@@ -14,6 +14,7 @@ import time
 
 from tagray.commands.calibrate import calibrate
 from tagray.commands.common import command
+from tagray.commands.evaluate import run_evaluation
 from tagray.commands.evaluate import summary_lines as evaluate_lines
 from tagray.commands.featurize import summary_line as featurize_line
 from tagray.commands.stats import summary_lines
@@ -25,7 +26,6 @@ from tagray.data.split import SplitConfig, assign_splits, split_sizes
 from tagray.data.stats import plot_statistics, tag_statistics, write_statistics
 from tagray.data.synth import SynthConfig, synthesize
 from tagray.eval.inputs import load_inputs
-from tagray.eval.report import EvalConfig, evaluate_head, plot_report
 from tagray.features.pipeline import FeaturizeConfig, featurize
 from tagray.heads.artifact import save_head
 from tagray.heads.fit import HeadConfig
@@ -124,12 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = _stage("evaluate: tag prediction, annotation, retrieval on test, with baselines")
     inputs = load_inputs(calibrated_dir, split_uri, features_dir)
-    report, arrays = evaluate_head(inputs.head.model, inputs.targets, inputs.features, EvalConfig(), "test")
-    report_dir = storage.join(out, "evaluation")
-    storage.makedirs(report_dir)
-    report["plots"] = plot_report(arrays, list(inputs.head.vocab.tags), report_dir)
-    report_uri = storage.join(report_dir, "report.json")
-    storage.write_text(report_uri, json.dumps(report, indent=1))
+    report_uri = storage.join(out, "evaluation", "report.json")
+    report = run_evaluation(inputs, calibrated_dir, "test", report_uri)
     print("\n".join(evaluate_lines(report)))
     print(f"report → {report_uri}")
     summary["stages"]["evaluate"] = {"report": report_uri, "tag_prediction": report.get("tag_prediction"),

@@ -7,17 +7,15 @@ import argparse
 import json
 import time
 
-from tagray.commands.common import add_endpoint, command
+from tagray.commands.common import add_endpoint, add_model_inputs, command
 from tagray.data import storage
-from tagray.eval.inputs import load_inputs
+from tagray.eval.inputs import Inputs, load_inputs
 from tagray.eval.report import EvalConfig, evaluate_head, plot_report
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray evaluate", description=__doc__)
-    p.add_argument("--model", required=True, help="model directory (trained or calibrated)")
-    p.add_argument("--manifest", required=True, help="manifest with a split column (labels for annotation)")
-    p.add_argument("--features", required=True, help="features of the manifest's images")
+    add_model_inputs(p, "model directory (trained or calibrated)", "manifest with a split column (labels for annotation)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--out", required=True, help="report JSON path; plots go next to it")
     p.add_argument("--no-baselines", action="store_true", help="skip random / prior / user-tag / kNN baselines")
@@ -47,23 +45,30 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-@command("evaluate")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_evaluation(
+    inputs: Inputs, model_dir: str, split: str, out: str, with_baselines: bool = True, endpoint_url: str | None = None
+) -> dict:
+    """Evaluates a loaded model, writes the report JSON at `out` and its plots beside it."""
     t0 = time.perf_counter()
-    inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
-    cfg = EvalConfig()
-    report, arrays = evaluate_head(inputs.head.model, inputs.targets, inputs.features, cfg, args.split,
-                                   with_baselines=not args.no_baselines)
-    report["model"] = args.model
+    report, arrays = evaluate_head(inputs.head.model, inputs.targets, inputs.features, EvalConfig(), split,
+                                   with_baselines=with_baselines)
+    report["model"] = model_dir
     report["head"] = inputs.head.config.head
     report["calibrated"] = bool(inputs.head.calibrated.any())
     report["seconds"] = time.perf_counter() - t0
-    out_dir = args.out.rsplit("/", 1)[0] if "/" in args.out else "."
-    storage.makedirs(out_dir, args.endpoint_url)
-    if not storage.is_remote(args.out):
+    out_dir = out.rsplit("/", 1)[0] if "/" in out else "."
+    storage.makedirs(out_dir, endpoint_url)
+    if not storage.is_remote(out):
         report["plots"] = plot_report(arrays, list(inputs.head.vocab.tags), out_dir)
-    storage.write_text(args.out, json.dumps(report, indent=1), args.endpoint_url)
+    storage.write_text(out, json.dumps(report, indent=1), endpoint_url)
+    return report
+
+
+@command("evaluate")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
+    report = run_evaluation(inputs, args.model, args.split, args.out, not args.no_baselines, args.endpoint_url)
     print("\n".join(summary_lines(report)))
     print(f"report → {args.out}")
     return 0
