@@ -3,6 +3,7 @@ resume, the model directory, the report's keys, and clear errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pyarrow.compute as pc
@@ -112,3 +113,40 @@ def test_errors_are_clear(small, tmp_path, capsys):
     assert "train split is empty" in capsys.readouterr().err
     assert cli.main(["evaluate", "--model", str(tmp_path / "nothing"), *base, "--out", str(tmp_path / "r.json")]) == 2
     assert "not a tagray model" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_killed_run_resumes_from_its_last_checkpoint(small):
+    """`tagray train` in its own process (its own local Ray), killed once a checkpoint is on
+    disk; the same command then continues from that checkpoint's step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    out = small["dir"] / "killed"
+    argv = [sys.executable, "-m", "tagray.cli", "train", "--manifest", small["manifest"], "--features",
+            small["features"], "--out", str(out), "--head", "rlr", "lr=0.01", "worker_cpus=0.5",
+            "checkpoint_every=5"]
+    proc = subprocess.Popen([*argv, "epochs=500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        states = []
+        while len(states) < 2:  # wait for two checkpoints: the first is then surely complete
+            states = sorted(out.glob("_ray/train-*/checkpoint_*/state.pt"))
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(states[0], weights_only=True)
+    step, epoch = int(saved["model"]["steps"]), saved["epoch"]
+    assert step >= 5 and not (out / "metrics.json").exists()
+    done = subprocess.run([*argv, f"epochs={epoch + 1}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"][-1]["epoch"] == epoch + 1
+    assert metrics["history"][-1]["run_started_at_step"] >= step
