@@ -20,7 +20,7 @@ CONFIG_CLASSES = {
     "configs/featurize.yaml": FeaturizeConfig,
 }
 # `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
-TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml")
+TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml")
 
 
 def test_every_config_file_is_known_and_loads():

@@ -14,7 +14,7 @@ from tagray.commands.common import add_endpoint, add_model_inputs, command
 from tagray.config import ConfigError
 from tagray.data.schema import SchemaError
 from tagray.eval.inputs import load_inputs
-from tagray.heads.artifact import save_head
+from tagray.heads.artifact import SavedHead, save_head
 from tagray.heads.calibrate import fit_intercepts
 from tagray.heads.fit import align
 from tagray.heads.targets import dense, label_vocabulary
@@ -36,6 +36,9 @@ def calibrate(inputs, split: str, max_images: int | None, l2: float, seed: int) 
     """Fits β in place on `inputs.head`; returns what was done."""
     targets = inputs.targets
     head = inputs.head
+    if not isinstance(head, SavedHead):
+        raise SchemaError(f"calibration fits the intercepts β of a linear head (lr, rlr); this model is a "
+                          f"{head.config.head!r} head")
     part = targets.filter(pa.compute.and_(pa.compute.equal(targets.column("split"), split), targets.column("labelled")))
     if part.num_rows == 0:
         raise SchemaError(f"split '{split}' has no labelled images: calibration needs a 'labels' column with values")

@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", type=int, default=None, help="number of visual concepts T")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--features-only", action="store_true", help="write features.parquet instead of JPEGs")
+    p.add_argument("--word-vectors", type=int, default=None, metavar="DIM",
+                   help="also write word_vectors.txt: synthetic pretrained vectors of this dimension (GloVe text format)")
     p.add_argument("--ray-address", default=None, help="Ray cluster for rendering (default: RAY_ADDRESS or local)")
     add_endpoint(p)
     add_overrides(p, "SynthConfig")
@@ -37,5 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
         init_ray(args.ray_address)
     result = synthesize(cfg, args.out, features_only=args.features_only, endpoint_url=args.endpoint_url)
+    if args.word_vectors:
+        from tagray.data import storage
+        from tagray.data.word_vectors import write_synthetic_word_vectors
+
+        result["word_vectors"] = write_synthetic_word_vectors(
+            result["truth"], storage.join(args.out, "word_vectors.txt"), args.word_vectors, cfg.seed, args.endpoint_url)
     print(json.dumps(result, indent=1))
     return 0

@@ -1,4 +1,5 @@
-"""`tagray train`: a LR or robust-LR tagging head (seed 001 §4) on Ray Train, data-parallel,
+"""`tagray train`: a LR or robust-LR tagging head (seed 001 §4) or the word-embedding head
+(seed 004, word vectors in an embedding shard server) on Ray Train, data-parallel,
 checkpointed, resumable; writes a model directory (see README: model directory)."""
 
 from __future__ import annotations
@@ -9,39 +10,44 @@ import dataclasses
 from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import ConfigError, from_dict, load_yaml, parse_overrides
 from tagray.data.normalize import NormalizerConfig, TagNormalizer
+from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import HeadConfig
 from tagray.train.run import TrainRunConfig, train_head
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray train", description=__doc__)
-    p.add_argument("--head", choices=("lr", "rlr"), default=None, help="lr or rlr (default: the config's, else rlr)")
+    p.add_argument("--head", choices=("lr", "rlr", "embed"), default=None,
+                   help="lr, rlr or embed (default: the config's, else rlr)")
     p.add_argument("--manifest", required=True, help="manifest with a split column (Parquet, local or s3://)")
     p.add_argument("--features", required=True, help="features file or shard directory (from featurize or synth)")
     p.add_argument("--out", required=True, help="model directory; re-running resumes from its last checkpoint")
-    p.add_argument("--config", default=None, help="YAML of HeadConfig and TrainRunConfig fields (e.g. configs/rlr.yaml)")
+    p.add_argument("--config", default=None,
+                   help="YAML of HeadConfig (or EmbedConfig) and TrainRunConfig fields (e.g. configs/rlr.yaml, configs/embed.yaml)")
+    p.add_argument("--vectors", default=None, help="embed head: pretrained word vectors (GloVe/word2vec text), path or s3://")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 1)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     add_endpoint(p)
-    add_overrides(p, "HeadConfig / TrainRunConfig")
+    add_overrides(p, "HeadConfig or EmbedConfig / TrainRunConfig")
     return p
 
 
-def split_settings(data: dict, source: str) -> tuple[HeadConfig, TrainRunConfig]:
-    """One flat dict of settings → the head's config and the Ray run's config."""
+def split_settings(data: dict, source: str) -> tuple[HeadConfig | EmbedConfig, TrainRunConfig]:
+    """One flat dict of settings → the head's config (by `head`) and the Ray run's config."""
+    head_cls = EmbedConfig if data.get("head") == "embed" else HeadConfig
     run_keys = {f.name for f in dataclasses.fields(TrainRunConfig)}
-    head_keys = {f.name for f in dataclasses.fields(HeadConfig)}
+    head_keys = {f.name for f in dataclasses.fields(head_cls)}
     unknown = sorted(set(data) - run_keys - head_keys)
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; expected some of: "
-                          f"{', '.join(sorted(run_keys | head_keys))}")
-    head = from_dict(HeadConfig, {k: v for k, v in data.items() if k in head_keys}, source)
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)} for the {data.get('head', 'rlr')} head; "
+                          f"expected some of: {', '.join(sorted(run_keys | head_keys))}")
+    head = from_dict(head_cls, {k: v for k, v in data.items() if k in head_keys}, source)
     run = from_dict(TrainRunConfig, {k: v for k, v in data.items() if k in run_keys}, source)
     return head, run
 
 
-def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig, TrainRunConfig]:
+def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig | EmbedConfig, TrainRunConfig]:
     data = load_yaml(config) if config else {}
     data.update(overrides)
     return split_settings(data, f"{config or 'defaults'}{' + command-line overrides' if overrides else ''}")
@@ -51,7 +57,7 @@ def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig, Trai
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = parse_overrides(args.overrides)
-    for flag in ("head", "workers", "gpu"):
+    for flag in ("head", "workers", "gpu", "vectors"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     head, run = load_settings(args.config, overrides)
@@ -61,9 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     from tagray.runtime import init_ray
 
     init_ray(args.ray_address)
-    metrics = train_head(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
-    print(f"trained {metrics['head']} on {metrics['train_images']} images × {metrics['tags']} tags "
-          f"in {metrics['seconds']:.1f}s ({metrics['steps']} steps, {run.workers} worker(s)); "
-          f"final loss {metrics['final_loss']:.4f}, mean π {metrics['mean_pi']:.3f}")
+    if isinstance(head, EmbedConfig):
+        from tagray.train.embed_run import train_embed
+
+        metrics = train_embed(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        print(f"trained embed ({metrics['loss_kind']}) on {metrics['train_images']} images × {metrics['words']} words "
+              f"in {metrics['seconds']:.1f}s ({metrics['steps']} steps, {run.workers} worker(s), {run.shards} shard(s)); "
+              f"final loss {metrics['final_loss']:.4f}")
+    else:
+        metrics = train_head(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        print(f"trained {metrics['head']} on {metrics['train_images']} images × {metrics['tags']} tags "
+              f"in {metrics['seconds']:.1f}s ({metrics['steps']} steps, {run.workers} worker(s)); "
+              f"final loss {metrics['final_loss']:.4f}, mean π {metrics['mean_pi']:.3f}")
     print(f"model → {args.out}")
     return 0

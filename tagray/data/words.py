@@ -26,6 +26,31 @@ SYNONYMS = {
     "painting": "artwork",
 }
 
+# Words of the pretrained vocabulary that no image is tagged with, each close in meaning to a
+# concept (synthetic word vectors put it near that concept): open-vocabulary queries.
+UNTAGGED_RELATED = {
+    "beach": "seashore",
+    "dog": "hound",
+    "cat": "feline",
+    "car": "automobile",
+    "flower": "petal",
+    "tree": "oak",
+    "bird": "sparrow",
+    "boat": "sailboat",
+    "bridge": "viaduct",
+    "building": "skyscraper",
+    "church": "chapel",
+    "cloud": "overcast",
+    "mountain": "summit",
+    "lake": "pond",
+    "river": "stream",
+    "horse": "stallion",
+    "sunset": "twilight",
+    "train": "locomotive",
+    "airplane": "jet",
+    "bus": "coach",
+}
+
 # Tags people add that name no visual concept: events, places, moods, styles.
 FREE_WORDS = ["holiday", "vacation", "trip", "travel", "friends", "family", "me", "summer", "winter", "spring", "autumn", "weekend", "paris", "london", "tokyo", "berlin", "rome", "nyc", "california", "italy", "france", "japan", "germany", "canada", "hdr", "macro", "bokeh", "vintage", "retro", "cosplay", "instagood", "love", "fun", "happy", "beautiful", "nature", "city", "urban", "night", "light", "color", "bw", "blackandwhite", "portrait", "landscape", "outdoor", "indoor", "art", "music", "party", "festival", "wedding", "birthday", "school", "home", "work", "sky", "blue", "red", "green", "yellow", "old", "new", "morning", "evening", "day", "weather", "walk", "view", "memories"]
 FREE_MULTIWORD = ("new york", "san francisco", "hong kong", "road trip", "black and white")
@@ -63,7 +88,7 @@ def concept_words(n: int) -> list[str]:
     from tagray.data.wordnet import lemmatizer, wordnet
 
     wn, lem = wordnet(), lemmatizer()
-    taken = set(words) | set(SYNONYMS.values()) | set(FREE_WORDS)
+    taken = set(words) | set(SYNONYMS.values()) | set(FREE_WORDS) | set(UNTAGGED_RELATED.values())
     counted = []
     for lemma in wn.all_lemma_names(pos="n"):
         if lemma.isalpha() and lemma.islower() and 4 <= len(lemma) <= 10 and lemma not in taken:

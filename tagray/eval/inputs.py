@@ -10,13 +10,14 @@ import pyarrow as pa
 from tagray.data import schema, storage
 from tagray.data.normalize import NORMALIZER_FILE, TagNormalizer
 from tagray.features import store
-from tagray.heads.artifact import SavedHead, load_head
+from tagray.heads.artifact import SavedHead, head_kind, load_head
+from tagray.heads.embed_artifact import SavedEmbedHead, load_embed_head
 from tagray.heads.targets import build_targets
 
 
 @dataclass
 class Inputs:
-    head: SavedHead
+    head: SavedHead | SavedEmbedHead
     normalizer: TagNormalizer
     targets: pa.Table  # build_targets() of the whole manifest
     features: pa.Table  # image_id, feature
@@ -29,7 +30,8 @@ def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_u
     if not storage.exists(saved, endpoint_url):
         raise FileNotFoundError(f"{model_dir}: not a tagray model (no {NORMALIZER_FILE})")
     normalizer = TagNormalizer.from_identity(json.loads(storage.read_text(saved, endpoint_url)))
-    head = load_head(model_dir, normalizer, endpoint_url)
+    load = load_embed_head if head_kind(model_dir, endpoint_url) == "embed" else load_head
+    head = load(model_dir, normalizer, endpoint_url)
     features, identity = store.read_features(features_uri, endpoint_url)
     if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):
         raise schema.SchemaError(

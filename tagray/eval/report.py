@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,18 @@ from tagray.eval.metrics import (
     roc_auc,
     tag_prediction_at_k,
 )
-from tagray.heads.linear import LinearTagger
+
+
+class Tagger(Protocol):
+    """What evaluation needs of a head (LinearTagger, EmbedTagger); `pi` only when robust."""
+
+    tags: int
+    robust: bool
+
+    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def pi(self) -> torch.Tensor: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +64,14 @@ class EvalData:
     label_tags: np.ndarray  # (T_l,) tag indices that are annotation labels
 
 
-def scores_of(model: LinearTagger, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(P(y=1|x), log P(z=1|x)) for every image, in batches (eq. 5/46 and eq. 13)."""
-    from tagray.heads.linear import log_p_tag
-
+def scores_of(model: Tagger, x: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P(y=1|x), log P(z=1|x)) for every image, in batches (`model.probabilities`)."""
     p_tag, log_content = [], []
     with torch.inference_mode():
         for lo in range(0, len(x), batch_size):
-            s = model(x[lo : lo + batch_size])
-            p_tag.append(torch.exp(log_p_tag(s, model.pi(), model.gamma())))
-            log_content.append(torch.nn.functional.logsigmoid(s + model.beta))
+            p, lc = model.probabilities(x[lo : lo + batch_size])
+            p_tag.append(p)
+            log_content.append(lc)
     return torch.cat(p_tag).numpy(), torch.cat(log_content).numpy()
 
 
@@ -164,7 +174,7 @@ def load_split(
 
 
 def evaluate_head(
-    model: LinearTagger,
+    model: Tagger,
     targets: pa.Table,
     features: pa.Table,
     cfg: EvalConfig,

@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
-from tagray.heads.fit import HeadConfig
+from tagray.heads.fit import HEADS, HeadConfig
 from tagray.heads.linear import LinearTagger
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -73,12 +73,20 @@ def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) 
     return directory
 
 
+def head_kind(directory: str, endpoint_url: str | None = None) -> str:
+    """The `head` a model directory holds (lr, rlr, embed)."""
+    if not storage.exists(storage.join(directory, MODEL_FILE), endpoint_url):
+        raise FileNotFoundError(f"{directory}: not a tagray model (no {MODEL_FILE}); train one with `tagray train`")
+    return json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))["head"]
+
+
 def load_head(
     directory: str, normalizer: TagNormalizer | None = None, endpoint_url: str | None = None
 ) -> SavedHead:
-    """Reads a saved head; NormalizerMismatch when `normalizer` differs from the saved one."""
-    if not storage.exists(storage.join(directory, MODEL_FILE), endpoint_url):
-        raise FileNotFoundError(f"{directory}: not a tagray model (no {MODEL_FILE}); train one with `tagray train`")
+    """Reads a saved linear head; NormalizerMismatch when `normalizer` differs from the saved one."""
+    kind = head_kind(directory, endpoint_url)
+    if kind not in HEADS:
+        raise schema.SchemaError(f"{directory}: a {kind!r} head; this needs a linear head ({', '.join(HEADS)})")
     meta = json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))
     cfg = from_dict(HeadConfig, meta["config"], f"{directory}/{MODEL_FILE}")
     vocab = Vocabulary.load(directory, normalizer)

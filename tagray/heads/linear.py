@@ -173,6 +173,11 @@ class LinearTagger(nn.Module):
         """P(z=1|x) = σ(s + β): what is in the image (eq. 3, calibrated eq. 13)."""
         return torch.sigmoid(self(x) + self.beta)
 
+    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(y=1|x), log P(z=1|x)) from one forward pass (eq. 5/46 and eq. 13)."""
+        s = self(x)
+        return torch.exp(log_p_tag(s, self.pi(), self.gamma())), nn.functional.logsigmoid(s + self.beta)
+
 
 @dataclass
 class StepResult:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from tagray.config import ConfigError, to_dict
@@ -40,10 +41,12 @@ class TrainRunConfig:
     readers: int = 1  # feature-reading actors (raise on clusters where reading is the bottleneck)
     materialize: bool = True  # read once into the object store; false when the set exceeds it (re-read per epoch)
     torch_threads: int = 1  # intra-op threads per worker (CPU)
+    shards: int = 2  # embed head: embedding shard actors holding the word vectors (CPU memory)
+    shard_cpus: float = 0.1  # embed head: CPUs reserved per shard actor
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.workers < 1 or self.shards < 1:
+            raise ConfigError(f"workers and shards must be ≥ 1, got {self.workers} and {self.shards}")
 
 
 def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
@@ -52,6 +55,69 @@ def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
     if train.num_rows == 0:
         raise schema.SchemaError("the manifest's train split is empty: run `tagray split` first, or check its split column")
     return Vocabulary.build(normalizer.normalize_lists(train.column("tags")), normalizer)
+
+
+@dataclass
+class TrainingInputs:
+    """What every head's trainer reads: vocabulary, targets, the features' identity."""
+
+    vocab: Vocabulary
+    targets: pa.Table  # the whole manifest's targets
+    train: pa.Table  # the train split's
+    identity: dict
+    dim: int
+    n_train: int  # training images that have features
+    counts: np.ndarray  # (T,) training images carrying each tag
+
+
+def training_inputs(
+    manifest_uri: str, features_uri: str, normalizer: TagNormalizer, batch_size: int, endpoint_url: str | None = None,
+    tagged_only: bool = False,
+) -> TrainingInputs:
+    """Reads and checks the inputs; `tagged_only` keeps training images with ≥ 1 vocabulary tag."""
+    manifest = schema.read_manifest(manifest_uri, need=("split",), endpoint_url=endpoint_url)
+    vocab = prepare_vocabulary(manifest, normalizer)
+    targets = build_targets(manifest, normalizer, vocab)
+    train = targets.filter(pc.equal(targets.column("split"), "train"))
+    if tagged_only:
+        train = train.filter(pc.greater(pc.list_value_length(train.column("tag_ids")), 0))
+    identity = store.features_identity(features_uri, endpoint_url)
+    if identity is None:
+        raise FileNotFoundError(f"{features_uri}: no features")
+    dim = int(identity.get("dim") or 0)
+    if not dim:
+        raise schema.SchemaError(f"{features_uri}: the backbone identity has no feature dimension")
+    n_train = count_with_features(train, store.featurized_ids(features_uri, endpoint_url))
+    if n_train < batch_size:
+        raise schema.SchemaError(
+            f"only {n_train} training images{' with tags' if tagged_only else ''} have features in {features_uri} "
+            f"(manifest {manifest_uri}); need at least batch_size={batch_size}: featurize them, or lower batch_size"
+        )
+    counts = np.bincount(pc.list_flatten(train.column("tag_ids")).to_numpy(), minlength=len(vocab))
+    return TrainingInputs(vocab, targets, train, identity, dim, n_train, counts)
+
+
+def run_name(prefix: str, cfg, exclude: tuple[str, ...], *parts) -> str:
+    """One Ray run per (settings that shape the model, data): re-running the same command
+    resumes it, even with more epochs; changing the head or data starts a new one."""
+    shaping = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
+    key = json.dumps([shaping, *parts], sort_keys=True, default=str)
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def ray_storage(out: str, endpoint_url: str | None):
+    """(filesystem, path) of MODEL/_ray, where Ray Train keeps runs and checkpoints."""
+    fs, base = storage.filesystem_for(storage.join(out, "_ray"), endpoint_url)
+    if not storage.is_remote(out):
+        storage.makedirs(storage.join(out, "_ray"))
+    return fs, base
+
+
+def scaling(run: TrainRunConfig):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=run.workers, use_gpu=run.gpu,
+                         resources_per_worker={"CPU": run.worker_cpus, **({"GPU": 1} if run.gpu else {})})
 
 
 def train_head(
@@ -64,52 +130,28 @@ def train_head(
     endpoint_url: str | None = None,
 ) -> dict:
     """Trains a LR or RLR head on the train split; returns the metrics also saved in `out`."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    manifest = schema.read_manifest(manifest_uri, need=("split",), endpoint_url=endpoint_url)
-    vocab = prepare_vocabulary(manifest, normalizer)
-    targets = build_targets(manifest, normalizer, vocab)
-    train_targets = targets.filter(pc.equal(targets.column("split"), "train"))
-    identity = store.features_identity(features_uri, endpoint_url)
-    if identity is None:
-        raise FileNotFoundError(f"{features_uri}: no features")
-    dim = int(identity.get("dim") or 0)
-    if not dim:
-        raise schema.SchemaError(f"{features_uri}: the backbone identity has no feature dimension")
-    feature_ids = store.featurized_ids(features_uri, endpoint_url)
-    n_train = count_with_features(train_targets, feature_ids)
-    if n_train < cfg.batch_size:
-        raise schema.SchemaError(
-            f"only {n_train} training images have features in {features_uri} (manifest {manifest_uri}); "
-            f"need at least batch_size={cfg.batch_size}: featurize them, or lower batch_size"
-        )
-    counts = np.bincount(pc.list_flatten(train_targets.column("tag_ids")).to_numpy(), minlength=len(vocab))
-    tag_rate = counts / max(1, train_targets.num_rows)
+    inputs = training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url)
+    vocab, identity, dim, n_train, counts = inputs.vocab, inputs.identity, inputs.dim, inputs.n_train, inputs.counts
+    tag_rate = counts / max(1, inputs.train.num_rows)
     log.info("train: %s head, %d tags, %d training images with features, %d worker(s)", cfg.head, len(vocab), n_train, run.workers)
-
-    # One Ray run per (settings that shape the model, vocabulary, features): re-running the same
-    # command resumes it, even with more epochs; changing the head or data starts a new one.
-    shaping = {k: v for k, v in to_dict(cfg).items() if k not in ("epochs", "checkpoint_every")}
-    key = json.dumps([shaping, vocab.version, store.comparable(identity), run.workers], sort_keys=True)
-    run_name = f"{RUN_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    dataset = training_dataset(features_uri, train_targets, normalizer.cfg.max_tags, run.data_cpus, run.readers, endpoint_url)
+    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every"), vocab.version, store.comparable(identity), run.workers)
+    dataset = training_dataset(features_uri, inputs.train, normalizer.cfg.max_tags, run.data_cpus, run.readers, endpoint_url)
     if run.materialize:
         dataset = dataset.materialize()
-    fs, base = storage.filesystem_for(storage.join(out, "_ray"), endpoint_url)
-    if not storage.is_remote(out):
-        storage.makedirs(storage.join(out, "_ray"))
+    fs, base = ray_storage(out, endpoint_url)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "head": to_dict(cfg), "tags": len(vocab), "dim": dim, "tag_rate": tag_rate.tolist(),
             "torch_threads": run.torch_threads, "train_images": n_train,
         },
-        scaling_config=ScalingConfig(num_workers=run.workers, use_gpu=run.gpu,
-                                     resources_per_worker={"CPU": run.worker_cpus, **({"GPU": 1} if run.gpu else {})}),
+        scaling_config=scaling(run),
         run_config=RunConfig(
-            name=run_name,
+            name=name,
             storage_path=base,
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -136,7 +178,7 @@ def train_head(
         "history": history,
         "seconds": time.perf_counter() - t0,
         "run": to_dict(run),
-        "checkpoints": storage.join(out, "_ray", run_name),
+        "checkpoints": storage.join(out, "_ray", name),
     }
     save_head(
         SavedHead(model, vocab, cfg, identity, counts, np.zeros(len(vocab), bool), metrics), out, endpoint_url
@@ -146,7 +188,7 @@ def train_head(
 
 
 def plot_history(history: list[dict], out: str) -> str | None:
-    """loss and mean π against training step (PNG in the model directory)."""
+    """loss (and mean π for RLR) against training step (PNG in the model directory)."""
     if storage.is_remote(out) or not history:
         return None
     import matplotlib
@@ -155,11 +197,14 @@ def plot_history(history: list[dict], out: str) -> str | None:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    with_pi = "mean_pi" in history[-1]
+    fig, axes = plt.subplots(1, 2 if with_pi else 1, figsize=(9 if with_pi else 4.5, 3.2), squeeze=False)
+    ax = axes[0]
     ax[0].plot(steps, [h["loss"] for h in history], marker="o")
-    ax[0].set(xlabel="step", ylabel="training NLL per image", title="loss")
-    ax[1].plot(steps, [h["mean_pi"] for h in history], marker="o", color="C1")
-    ax[1].set(xlabel="step", ylabel="mean π over tags", title="tagging likelihood π")
+    ax[0].set(xlabel="step", ylabel="training loss per image", title="loss")
+    if with_pi:
+        ax[1].plot(steps, [h["mean_pi"] for h in history], marker="o", color="C1")
+        ax[1].set(xlabel="step", ylabel="mean π over tags", title="tagging likelihood π")
     fig.tight_layout()
     path = storage.join(out, "training.png")
     fig.savefig(path, dpi=100)

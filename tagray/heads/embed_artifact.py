@@ -1,0 +1,112 @@
+"""A trained word-embedding head on disk (local directory or s3:// prefix):
+
+    weights.safetensors        h's layers (TagMLP state)
+    word_vectors.safetensors   vectors (V × d): the training tags first (vocabulary order), then
+                               the pretrained words no training image carries (snapped, eq. 3–4)
+    words.parquet              word, seen (a training tag), positives (training images), pretrained
+    model.json                 head "embed", dim, word_dim, tags, words, the EmbedConfig, backbone,
+                               where the initial vectors came from
+    normalizer.json, vocabulary.json, metrics.json   as the linear heads
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from tagray.config import from_dict, to_dict
+from tagray.data import schema, storage
+from tagray.data.normalize import TagNormalizer, Vocabulary
+from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP
+
+VECTORS_FILE = "word_vectors.safetensors"
+WORDS_FILE = "words.parquet"
+
+
+@dataclass
+class SavedEmbedHead:
+    mlp: TagMLP
+    vectors: torch.Tensor  # (V, d)
+    words: list[str]  # V words; words[:T] are vocab.tags
+    vocab: Vocabulary
+    config: EmbedConfig
+    backbone: dict | None
+    positives: np.ndarray  # (V,) training images carrying each word (0 beyond the training tags)
+    pretrained: np.ndarray  # (V,) bool: the initial vector came from the pretrained file
+    vectors_source: str  # URI of the pretrained file, or "random"
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> EmbedTagger:
+        """h with the training tags' vectors: the evaluation interface (tagray.eval.report.Tagger)."""
+        return EmbedTagger(self.mlp, self.vectors[: len(self.vocab)].clone()).eval()
+
+    @property
+    def calibrated(self) -> np.ndarray:
+        return np.zeros(len(self.vocab), bool)
+
+
+def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | None = None) -> str:
+    if head.words[: len(head.vocab)] != list(head.vocab.tags):
+        raise ValueError("the first words must be the vocabulary's tags, in order")
+    storage.makedirs(directory, endpoint_url)
+    state = {k: v.detach().cpu().contiguous() for k, v in head.mlp.state_dict().items()}
+    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), st_save(state), endpoint_url)
+    storage.write_bytes(storage.join(directory, VECTORS_FILE),
+                        st_save({"vectors": head.vectors.detach().cpu().float().contiguous()}), endpoint_url)
+    seen = np.zeros(len(head.words), bool)
+    seen[: len(head.vocab)] = True
+    words = pa.table({
+        "word": pa.array(head.words, pa.string()),
+        "seen": seen,
+        "positives": head.positives.astype(np.int64),
+        "pretrained": head.pretrained.astype(bool),
+    })
+    schema.write_table(words, storage.join(directory, WORDS_FILE), endpoint_url)
+    meta = {
+        "head": "embed",
+        "dim": head.mlp.dim,
+        "word_dim": int(head.vectors.shape[1]),
+        "tags": len(head.vocab),
+        "words": len(head.words),
+        "config": to_dict(head.config),
+        "backbone": head.backbone,
+        "vocabulary_version": head.vocab.version,
+        "vectors_source": head.vectors_source,
+    }
+    storage.write_text(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(head.metrics, indent=1, default=str), endpoint_url)
+    head.vocab.save(directory)
+    return directory
+
+
+def load_embed_head(directory: str, normalizer: TagNormalizer | None = None, endpoint_url: str | None = None) -> SavedEmbedHead:
+    meta = json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))
+    if meta.get("head") != "embed":
+        raise schema.SchemaError(f"{directory}: a {meta.get('head')!r} head, not an embed head")
+    cfg = from_dict(EmbedConfig, meta["config"], f"{directory}/{MODEL_FILE}")
+    vocab = Vocabulary.load(directory, normalizer)
+    if vocab.version != meta["vocabulary_version"]:
+        raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
+    mlp = TagMLP(meta["dim"], cfg.hidden, meta["word_dim"], cfg.dropout)
+    mlp.load_state_dict(st_load(storage.read_bytes(storage.join(directory, WEIGHTS_FILE), endpoint_url)))
+    mlp.eval()
+    vectors = st_load(storage.read_bytes(storage.join(directory, VECTORS_FILE), endpoint_url))["vectors"]
+    words = schema.read_table(storage.join(directory, WORDS_FILE), endpoint_url=endpoint_url)
+    if words.num_rows != len(vectors) or words.column("word").to_pylist()[: len(vocab)] != list(vocab.tags):
+        raise schema.SchemaError(f"{directory}: {WORDS_FILE} does not belong to {VECTORS_FILE}")
+    metrics_uri = storage.join(directory, METRICS_FILE)
+    metrics = json.loads(storage.read_text(metrics_uri, endpoint_url)) if storage.exists(metrics_uri, endpoint_url) else {}
+    return SavedEmbedHead(
+        mlp=mlp, vectors=vectors, words=words.column("word").to_pylist(), vocab=vocab, config=cfg,
+        backbone=meta.get("backbone"), positives=words.column("positives").to_numpy(),
+        pretrained=words.column("pretrained").to_numpy(zero_copy_only=False),
+        vectors_source=meta.get("vectors_source", "random"), metrics=metrics,
+    )

@@ -1,0 +1,215 @@
+"""The word-embedding head (seed 004, SPEC §3.2): an MLP h maps image features into the
+word-vector space, f = h(x) (eq. 2), and a word t scores f·v_t. Word vectors are trained
+jointly with h (unless `fixed_vectors`), held in a `WordTable`-like store that the step
+pulls rows from and pushes sparse gradients to.
+
+`embed_step` is the one training step, shared by the in-process trainer (`fit_embed`) and
+the Ray Train loop (tagray/train/embed_loop.py, where the store is the shard server).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tagray.config import ConfigError
+from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
+from tagray.heads.samplers import NEGATIVE_SAMPLERS, make_sampler, sample_positives
+from tagray.heads.word_table import OPTIMIZERS
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("xent", "fast0tag")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    head: str = "embed"
+    hidden: tuple[int, ...] = (1024,)  # h's hidden layers (paper: 4096, 8192, 2048; smaller for CPU)
+    word_dim: int = 300  # d, when no pretrained vectors are given (the paper: 300)
+    dropout: float = 0.0  # between h's hidden layers
+    loss: str = "xent"  # xent: eq. 1 (sampled) or full cross-entropy; fast0tag: eq. 5
+    sampled: bool = True  # sample P positives and N negatives (false: every word, every tag)
+    positives: int = 5  # P, uniform with replacement from the image's tags (paper: 5)
+    negatives: int = 10  # N (paper: 10)
+    alpha: float = 0.01  # co-occurrence term of eq. 1 (paper: 0.01)
+    beta: float = 1.0  # Fast0Tag's scale (eq. 5)
+    sampler: str = "frequency"  # negatives: frequency | adjacent | pool (seed 004 §3.3)
+    sampler_power: float = 0.75  # frequency/pool: P(t) ∝ count^power (word2vec)
+    pool_size: int = 100_000  # pool: words pre-sampled per epoch
+    fixed_vectors: bool = False  # baseline "Fixed WV": word vectors are not trained
+    epochs: int = 20
+    batch_size: int = 256  # images per step, over all workers
+    lr: float = 0.001  # Adam on h (peak, cosine schedule)
+    schedule: str = "cosine"  # constant | cosine
+    weight_decay: float = 0.0
+    word_optimizer: str = "adagrad"  # sgd | adagrad, applied by the word store to pushed rows
+    word_lr: float = 0.05
+    vectors: str | None = None  # pretrained word vectors (GloVe / word2vec text), path or s3:// URI
+    max_words: int | None = None  # read at most this many pretrained words (files list frequent words first)
+    init_scale: float = 0.1  # random word vectors: N(0, init_scale²)
+    oov_steps: int = 300  # out-of-vocabulary snapping (eq. 3–4): Adam steps; 0 turns it off
+    oov_lr: float = 0.05
+    oov_anchors: int = 4096  # words each snapping step compares against (a sample of V_∪)
+    seed: int = 0
+    checkpoint_every: int = 200  # Ray Train: steps between checkpoints (and on finish)
+    normalizer: str = "normalize.yaml"
+
+    def __post_init__(self) -> None:
+        if self.head != "embed":
+            raise ConfigError(f"EmbedConfig is the embed head's, got head={self.head!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.sampler not in NEGATIVE_SAMPLERS:
+            raise ConfigError(f"sampler must be one of {', '.join(NEGATIVE_SAMPLERS)}, got {self.sampler!r}")
+        if self.word_optimizer not in OPTIMIZERS:
+            raise ConfigError(f"word_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.word_optimizer!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if min(self.positives, self.negatives, self.epochs, self.batch_size, self.word_dim, self.checkpoint_every) < 1:
+            raise ConfigError("positives, negatives, epochs, batch_size, word_dim and checkpoint_every must be ≥ 1")
+        if any(h < 1 for h in self.hidden):
+            raise ConfigError(f"hidden layer sizes must be ≥ 1, got {self.hidden}")
+        if self.lr <= 0 or self.word_lr <= 0:
+            raise ConfigError("lr and word_lr must be > 0")
+
+
+class TagMLP(nn.Module):
+    """h(x): D → hidden… → d, ReLU between layers, linear output (eq. 2)."""
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], out: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        sizes = (dim, *hidden)
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(sizes[-1], out))
+        self.net = nn.Sequential(*layers)
+        self.dim, self.out = dim, out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EmbedTagger(nn.Module):
+    """h plus the vectors of the T training tags: scores f·v_t, P(tag) = σ(f·v_t)
+    (the evaluation interface of the linear heads; there is no π and no β)."""
+
+    robust = False
+
+    def __init__(self, mlp: TagMLP, tag_vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("tag_vectors", tag_vectors)
+
+    @property
+    def tags(self) -> int:
+        return self.tag_vectors.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x) @ self.tag_vectors.T
+
+    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P(y=1|x), log P(z=1|x)): both σ(f·v) — the head models user tags only."""
+        s = self(x)
+        return torch.sigmoid(s), nn.functional.logsigmoid(s)
+
+
+def new_mlp(dim: int, word_dim: int, cfg: EmbedConfig) -> TagMLP:
+    torch.manual_seed(cfg.seed)
+    return TagMLP(dim, cfg.hidden, word_dim, cfg.dropout)
+
+
+def make_optimizer(mlp: nn.Module, cfg: EmbedConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(mlp.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: EmbedConfig, total_steps: int):
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def step_ids(tag_ids: np.ndarray, cfg: EmbedConfig, sampler, rng: np.random.Generator, words: int):
+    """The words one step touches: (unique ids to pull, (B, P+N) positions into them) when
+    sampled; (every word id, None) when not."""
+    if not cfg.sampled:
+        return np.arange(words, dtype=np.int64), None
+    pos = sample_positives(tag_ids, cfg.positives, rng)
+    neg = sampler.negatives(tag_ids, cfg.negatives, rng)
+    ids, inverse = np.unique(np.concatenate([pos, neg], axis=1), return_inverse=True)
+    return ids, inverse.reshape(len(tag_ids), cfg.positives + cfg.negatives)
+
+
+def embed_loss(f: torch.Tensor, rows: torch.Tensor, where, tag_ids: torch.Tensor, cfg: EmbedConfig) -> torch.Tensor:
+    """The configured loss of a batch given the pulled rows (see step_ids)."""
+    if where is not None:
+        where = torch.as_tensor(where, device=f.device)
+        vp, vn = rows[where[:, : cfg.positives]], rows[where[:, cfg.positives :]]
+        return sampled_xent(f, vp, vn, cfg.alpha) if cfg.loss == "xent" else fast0tag(f, vp, vn, cfg.beta)
+    scores = f @ rows.T
+    return full_xent(scores, tag_ids) if cfg.loss == "xent" else fast0tag_full(scores, tag_ids, cfg.beta)
+
+
+def embed_step(
+    forward: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    tag_ids: np.ndarray,
+    table,
+    cfg: EmbedConfig,
+    sampler,
+    rng: np.random.Generator,
+    words: int,
+    world: int = 1,
+) -> float:
+    """One step: sample words, pull their rows, loss, backward, Adam on h, push the rows'
+    gradients (divided by `world`: each of the data-parallel workers pushes its own, and h's
+    gradients are averaged by DDP, so the word update is the mean over workers too)."""
+    ids, where = step_ids(tag_ids, cfg, sampler, rng, words)
+    rows = torch.from_numpy(table.pull(ids)).to(x.device).requires_grad_(not cfg.fixed_vectors)
+    loss = embed_loss(forward(x), rows, where, torch.from_numpy(tag_ids).to(x.device), cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if not cfg.fixed_vectors:
+        table.push(ids, rows.grad.cpu().numpy() / world)
+    return float(loss.detach())
+
+
+def fit_embed(
+    x: torch.Tensor, tag_ids: np.ndarray, table, counts: np.ndarray, cfg: EmbedConfig, on_epoch=None
+) -> TagMLP:
+    """Trains h (and, through `table`, the word vectors) in this process on features
+    x (N, D) and padded tag ids (N, W) — every image must carry a tag."""
+    if len(x) == 0:
+        raise ValueError("no training images")
+    words, word_dim = table.shape
+    mlp = new_mlp(x.shape[1], word_dim, cfg)
+    opt = make_optimizer(mlp, cfg)
+    sampler = make_sampler(cfg.sampler, counts, cfg.sampler_power, cfg.pool_size)
+    rng = np.random.default_rng(cfg.seed)
+    batch = min(cfg.batch_size, len(x))
+    per_epoch = max(1, len(x) // batch)
+    schedule = make_scheduler(opt, cfg, cfg.epochs * per_epoch)
+    for epoch in range(cfg.epochs):
+        sampler.new_epoch(rng)
+        order = rng.permutation(len(x))
+        losses = []
+        for i in range(per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            losses.append(embed_step(mlp, opt, x[idx], tag_ids[idx], table, cfg, sampler, rng, words))
+            schedule.step()
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"loss is {losses[-1]} at epoch {epoch}: lower lr / word_lr")
+        if on_epoch is not None:
+            on_epoch(epoch, float(np.mean(losses)))
+    mlp.eval()
+    return mlp

@@ -1,0 +1,143 @@
+"""`tagray train --head embed`: starts the embedding shard server, runs the Ray Train loop,
+snaps out-of-vocabulary words, writes the model directory.
+
+The shard actors belong to this driver and end with it; a re-run of the same command finds
+the Ray run's last checkpoint and restores both h and the word vectors from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tagray.config import to_dict
+from tagray.data import storage
+from tagray.data.normalize import TagNormalizer
+from tagray.data.word_vectors import read_word_vectors, word_table_init
+from tagray.features import store
+from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
+from tagray.heads.embedding import EmbedConfig, new_mlp
+from tagray.heads.oov import snap_oov
+from tagray.train.data import training_dataset
+from tagray.train.embed_loop import embed_train_loop, load_state
+from tagray.train.run import (
+    TrainRunConfig,
+    plot_history,
+    ray_storage,
+    run_name,
+    scaling,
+    training_inputs,
+)
+from tagray.train.shards import ShardedWordTable, read_snapshot
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "embed"
+
+
+def train_embed(
+    manifest_uri: str,
+    features_uri: str,
+    out: str,
+    cfg: EmbedConfig,
+    run: TrainRunConfig,
+    normalizer: TagNormalizer,
+    endpoint_url: str | None = None,
+) -> dict:
+    """Trains the word-embedding head on the train split's tagged images; returns the metrics
+    also saved in `out`."""
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    inputs = training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url, tagged_only=True)
+    vocab = inputs.vocab
+    pretrained = None
+    if cfg.vectors:
+        pretrained = read_word_vectors(cfg.vectors, normalizer, cfg.max_words, endpoint_url)
+        log.info("train: %d pretrained word vectors (d=%d) from %s", len(pretrained[0]), pretrained[1].shape[1], cfg.vectors)
+    else:
+        log.warning("train: no pretrained word vectors (set `vectors`): random initialisation, d=%d; "
+                    "only training tags can be queried", cfg.word_dim)
+    words, initial, from_file = word_table_init(vocab.tags, pretrained, cfg.word_dim, cfg.init_scale, cfg.seed)
+    counts = np.zeros(len(words), np.int64)
+    counts[: len(vocab)] = inputs.counts
+    word_dim = initial.shape[1]
+    print(f"[train] embed head: {inputs.n_train} tagged training images, {len(vocab)} tags, {len(words)} words "
+          f"(d={word_dim}, {int(from_file.sum())} pretrained), {run.shards} shard(s), {run.workers} worker(s)", flush=True)
+
+    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors"),
+                    vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words))
+    snapshot_root = storage.join(out, "_ray", name, "word_shards")
+    dataset = training_dataset(features_uri, inputs.train, normalizer.cfg.max_tags, run.data_cpus, run.readers, endpoint_url)
+    if run.materialize:
+        dataset = dataset.materialize()
+    fs, base = ray_storage(out, endpoint_url)
+    table = ShardedWordTable.create(initial, run.shards, cfg.word_optimizer, cfg.word_lr, run.shard_cpus, endpoint_url)
+    try:
+        trainer = TorchTrainer(
+            embed_train_loop,
+            train_loop_config={
+                "head": to_dict(cfg), "dim": inputs.dim, "words": len(words), "word_dim": word_dim,
+                "counts": counts, "shard_names": table.names, "snapshot_root": snapshot_root,
+                "endpoint_url": endpoint_url, "torch_threads": run.torch_threads, "train_images": inputs.n_train,
+            },
+            scaling_config=scaling(run),
+            run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        shard_stats = table.stats()
+    finally:
+        table.kill()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    mlp = new_mlp(inputs.dim, word_dim, cfg)
+    mlp.load_state_dict(state["mlp"])
+    mlp.eval()
+    trained = torch.from_numpy(read_snapshot(state["words"], run.shards, len(words), endpoint_url))
+
+    unseen = counts == 0
+    snap: dict = {"words": int(unseen.sum()), "steps": 0}
+    if cfg.oov_steps and unseen.any() and not cfg.fixed_vectors:
+        t_snap = time.perf_counter()
+        vectors, snap = snap_oov(torch.from_numpy(initial), trained, unseen, cfg.oov_steps, cfg.oov_lr,
+                                 cfg.oov_anchors, cfg.seed)
+        snap["seconds"] = time.perf_counter() - t_snap
+        print(f"[train] snapped {snap['words']} out-of-vocabulary words (eq. 4 loss {snap['loss_before']:.4f} → "
+              f"{snap['loss_after']:.4f})", flush=True)
+    else:
+        vectors = trained
+    history = state.get("history", [])
+    metrics = {
+        "head": "embed",
+        "loss_kind": f"{'sampled ' if cfg.sampled else 'full '}{cfg.loss}{' (fixed word vectors)' if cfg.fixed_vectors else ''}",
+        "train_images": inputs.n_train,
+        "tags": len(vocab),
+        "words": len(words),
+        "pretrained_words": int(from_file.sum()),
+        "vectors_source": cfg.vectors or "random",
+        "workers": run.workers,
+        "shards": run.shards,
+        "steps": int(state["step"]),
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "oov_snapping": snap,
+        "shard_server": shard_stats,
+        "seconds": time.perf_counter() - t0,
+        "run": to_dict(run),
+        "checkpoints": storage.join(out, "_ray", name),
+    }
+    save_embed_head(
+        SavedEmbedHead(mlp=mlp, vectors=vectors, words=words, vocab=vocab, config=cfg, backbone=inputs.identity,
+                       positives=counts, pretrained=from_file, vectors_source=cfg.vectors or "random", metrics=metrics),
+        out, endpoint_url,
+    )
+    plot_history(history, out)
+    return metrics
