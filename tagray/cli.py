@@ -10,9 +10,11 @@ COMMANDS = {
     "split": "assign train/val/test splits by user",
     "stats": "tag statistics and plots of a manifest",
     "featurize": "images → backbone features on Ray Data (sharded Parquet, errors, resume)",
-    "train": "train a LR / robust LR tagging head on Ray Train (checkpointed, resumable)",
+    "train": "train a LR / robust LR / word-embedding head on Ray Train (checkpointed, resumable)",
     "calibrate": "fit per-tag intercepts β on labelled images (W frozen)",
     "evaluate": "tag prediction, annotation, retrieval metrics with baselines",
+    "index": "embed head: a faiss index of every featurized image, for search",
+    "search": "embed head: images for any vocabulary words, or words for an image",
     "demo": "run every stage end to end on generated data",
 }
 

@@ -24,7 +24,7 @@ from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
 from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
-from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP
+from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP, tag_log_prior
 
 VECTORS_FILE = "word_vectors.safetensors"
 WORDS_FILE = "words.parquet"
@@ -46,7 +46,20 @@ class SavedEmbedHead:
     @property
     def model(self) -> EmbedTagger:
         """h with the training tags' vectors: the evaluation interface (tagray.eval.report.Tagger)."""
-        return EmbedTagger(self.mlp, self.vectors[: len(self.vocab)].clone()).eval()
+        tags = len(self.vocab)
+        prior = tag_log_prior(self.config, self.positives[:tags])
+        return EmbedTagger(self.mlp, self.vectors[:tags].clone(), prior).eval()
+
+    @property
+    def mlp_digest(self) -> str:
+        """Identity of h: image embeddings (and an image index) belong to this digest."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for key, value in sorted(self.mlp.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def calibrated(self) -> np.ndarray:

@@ -19,7 +19,7 @@ from torch import nn
 
 from tagray.config import ConfigError
 from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
-from tagray.heads.samplers import NEGATIVE_SAMPLERS, make_sampler, sample_positives
+from tagray.heads.samplers import NEGATIVE_SAMPLERS, log_noise_prior, make_sampler, sample_positives
 from tagray.heads.word_table import OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class EmbedConfig:
     fixed_vectors: bool = False  # baseline "Fixed WV": word vectors are not trained
     epochs: int = 20
     batch_size: int = 256  # images per step, over all workers
-    lr: float = 0.001  # Adam on h (peak, cosine schedule)
+    lr: float = 0.003  # Adam on h (peak, cosine schedule)
     schedule: str = "cosine"  # constant | cosine
     weight_decay: float = 0.0
     word_optimizer: str = "adagrad"  # sgd | adagrad, applied by the word store to pushed rows
@@ -99,15 +99,20 @@ class TagMLP(nn.Module):
 
 
 class EmbedTagger(nn.Module):
-    """h plus the vectors of the T training tags: scores f·v_t, P(tag) = σ(f·v_t)
-    (the evaluation interface of the linear heads; there is no π and no β)."""
+    """h plus the vectors of the T training tags: scores s_t = f·v_t (the evaluation interface
+    of the linear heads; there is no π and no β).
+
+    `tag_log_prior` is log q(t) of the negative sampler the head was trained with
+    (samplers.log_noise_prior; zeros for the unsampled loss): user-tag prediction ranks by
+    s_t + log q(t), content (annotation, retrieval) by s_t."""
 
     robust = False
 
-    def __init__(self, mlp: TagMLP, tag_vectors: torch.Tensor) -> None:
+    def __init__(self, mlp: TagMLP, tag_vectors: torch.Tensor, tag_log_prior: torch.Tensor | None = None) -> None:
         super().__init__()
         self.mlp = mlp
         self.register_buffer("tag_vectors", tag_vectors)
+        self.register_buffer("tag_log_prior", tag_log_prior if tag_log_prior is not None else torch.zeros(len(tag_vectors)))
 
     @property
     def tags(self) -> int:
@@ -117,9 +122,17 @@ class EmbedTagger(nn.Module):
         return self.mlp(x) @ self.tag_vectors.T
 
     def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P(y=1|x), log P(z=1|x)): both σ(f·v) — the head models user tags only."""
+        """(σ(s + log q), log σ(s)): user-tag scores with the sampler's prior restored, and
+        content scores (see the class docstring)."""
         s = self(x)
-        return torch.sigmoid(s), nn.functional.logsigmoid(s)
+        return torch.sigmoid(s + self.tag_log_prior), nn.functional.logsigmoid(s)
+
+
+def tag_log_prior(cfg: EmbedConfig, counts: np.ndarray) -> torch.Tensor:
+    """log q(t) of the head's negative sampler over `counts` (zeros when not sampled)."""
+    if not cfg.sampled:
+        return torch.zeros(len(counts))
+    return torch.from_numpy(log_noise_prior(cfg.sampler, counts, cfg.sampler_power))
 
 
 def new_mlp(dim: int, word_dim: int, cfg: EmbedConfig) -> TagMLP:

@@ -88,3 +88,15 @@ def make_sampler(name: str, counts: np.ndarray, power: float, pool_size: int):
     if name == "pool":
         return PoolSampler(counts, power, pool_size)
     raise ValueError(f"negative sampler must be one of {', '.join(NEGATIVE_SAMPLERS)}, got {name!r}")
+
+
+def log_noise_prior(name: str, counts: np.ndarray, power: float) -> np.ndarray:
+    """log q(t) of the negative sampler's distribution, per word (−inf → a floor for unseen
+    words). With negatives from q the sampled loss's optimum is f·v_t ≈ log P(t|x) − log q(t)
+    + const (word2vec's shifted PMI), so ranking tags by f·v_t + log q(t) restores the
+    frequency prior (the "logQ correction" of sampled losses)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = counts if name == "adjacent" else counts ** power
+    weights = np.where(counts > 0, weights, 0.0)
+    q = weights / max(weights.sum(), 1e-12)
+    return np.log(np.maximum(q, 1e-12)).astype(np.float32)

@@ -1,0 +1,154 @@
+"""Open-vocabulary tagging and search with the embedding head (seed 004 §2, SPEC §3.2), on faiss.
+
+Tagging: the top-k words by f·v over every word vector (an inner-product index over V).
+Search: the images whose embedding f = h(x) has the largest inner product with the query
+vector. A query of several words uses the sum of their vectors, q = Σ_w v_w, so an image
+scores Σ_w f·v_w: the sum of the words' logits, i.e. images are ranked by the product of the
+words' odds σ(f·v_w)/(1−σ(f·v_w)) — every word has to fit (an AND), and no single word
+dominates by its vector's length alone more than it does in tagging.
+
+An index directory holds images.faiss (exact inner-product index over f), images.parquet
+(row → image_id, uri) and index.json (the model it was built with).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from tagray.data import schema, storage
+from tagray.data.normalize import TagNormalizer
+from tagray.heads.embed_artifact import SavedEmbedHead
+
+INDEX_FILE = "images.faiss"
+IMAGES_FILE = "images.parquet"
+META_FILE = "index.json"
+
+
+class UnknownWord(KeyError):
+    """A query word that is not in the model's vocabulary (after normalisation)."""
+
+    def __init__(self, word: str, normalized: str | None) -> None:
+        self.word = word
+        shown = f"{word!r}" + (f" (normalised: {normalized!r})" if normalized and normalized != word else "")
+        super().__init__(f"unknown word {shown}: not among the model's words")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class WordIndex:
+    """Every word vector of an embed head, searchable by inner product."""
+
+    def __init__(self, words: list[str], vectors: np.ndarray, normalizer: TagNormalizer | None = None) -> None:
+        import faiss
+
+        self.words = words
+        self.where = {w: i for i, w in enumerate(words)}
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.normalizer = normalizer
+        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
+        self.index.add(self.vectors)
+
+    @classmethod
+    def of(cls, head: SavedEmbedHead) -> WordIndex:
+        return cls(head.words, head.vectors.numpy(), TagNormalizer.from_identity(head.vocab.normalizer))
+
+    def word_id(self, word: str) -> int:
+        normalized = self.normalizer.normalize_tag(word) if self.normalizer else word.strip().lower()
+        if normalized is None or normalized not in self.where:
+            raise UnknownWord(word, normalized)
+        return self.where[normalized]
+
+    def query_vector(self, words: list[str]) -> np.ndarray:
+        """q = Σ_w v_w (see the module docstring)."""
+        if not words:
+            raise ValueError("empty query: give at least one word")
+        return self.vectors[[self.word_id(w) for w in words]].sum(0)
+
+    def top_words(self, f: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores f·v, word ids) of the k best words per row of f (B, d)."""
+        scores, ids = self.index.search(np.ascontiguousarray(f, dtype=np.float32), min(k, len(self.words)))
+        return scores, ids
+
+
+@dataclass
+class ImageIndex:
+    index: object  # faiss.Index over image embeddings
+    image_ids: list[str]
+    uris: list[str | None]
+    meta: dict
+
+    def search(self, query: np.ndarray, k: int) -> list[tuple[str, str | None, float]]:
+        """(image_id, uri, score f·q) of the k best images."""
+        scores, rows = self.index.search(np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1),
+                                         min(k, len(self.image_ids)))
+        return [(self.image_ids[r], self.uris[r], float(s)) for s, r in zip(scores[0], rows[0], strict=True) if r >= 0]
+
+
+def embed_images(head: SavedEmbedHead, x: torch.Tensor, batch_size: int = 65_536) -> np.ndarray:
+    """f = h(x) for every row of x, in batches."""
+    out = []
+    with torch.inference_mode():
+        for lo in range(0, len(x), batch_size):
+            out.append(head.mlp(x[lo : lo + batch_size]).numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.vectors.shape[1]), np.float32)
+
+
+def build_image_index(head: SavedEmbedHead, features: pa.Table, manifest: pa.Table | None = None,
+                      model_dir: str = "") -> ImageIndex:
+    """An exact inner-product index over h(x) of every featurized image."""
+    import faiss
+
+    from tagray.heads.fit import align
+
+    ids = features.column("image_id")
+    x, _ = align(features, ids)
+    f = embed_images(head, x)
+    index = faiss.IndexFlatIP(f.shape[1])
+    index.add(np.ascontiguousarray(f))
+    uris: list[str | None] = [None] * len(f)
+    if manifest is not None and "uri" in manifest.column_names:
+        where = pc.index_in(ids, value_set=manifest.column("image_id"))
+        uris = pc.take(manifest.column("uri"), where).to_pylist()
+    meta = {"model": model_dir, "mlp_digest": head.mlp_digest, "images": len(f), "dim": int(f.shape[1]),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return ImageIndex(index, ids.to_pylist(), uris, meta)
+
+
+def save_image_index(index: ImageIndex, directory: str, endpoint_url: str | None = None) -> str:
+    import faiss
+
+    storage.makedirs(directory, endpoint_url)
+    storage.write_bytes(storage.join(directory, INDEX_FILE), faiss.serialize_index(index.index).tobytes(), endpoint_url)
+    schema.write_table(pa.table({"image_id": pa.array(index.image_ids, pa.string()),
+                                 "uri": pa.array(index.uris, pa.string())}),
+                       storage.join(directory, IMAGES_FILE), endpoint_url)
+    storage.write_text(storage.join(directory, META_FILE), json.dumps(index.meta, indent=1), endpoint_url)
+    return directory
+
+
+def load_image_index(directory: str, endpoint_url: str | None = None) -> ImageIndex:
+    import faiss
+
+    if not storage.exists(storage.join(directory, META_FILE), endpoint_url):
+        raise FileNotFoundError(f"{directory}: not a tagray index (no {META_FILE}); build one with `tagray index`")
+    blob = storage.read_bytes(storage.join(directory, INDEX_FILE), endpoint_url)
+    index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    images = schema.read_table(storage.join(directory, IMAGES_FILE), endpoint_url=endpoint_url)
+    meta = json.loads(storage.read_text(storage.join(directory, META_FILE), endpoint_url))
+    if index.ntotal != images.num_rows:
+        raise schema.SchemaError(f"{directory}: {INDEX_FILE} holds {index.ntotal} images, {IMAGES_FILE} {images.num_rows}")
+    return ImageIndex(index, images.column("image_id").to_pylist(), images.column("uri").to_pylist(), meta)
+
+
+def check_index_matches(index: ImageIndex, head: SavedEmbedHead, where: str) -> None:
+    if index.meta.get("mlp_digest") != head.mlp_digest:
+        raise schema.SchemaError(f"{where}: built with another model ({index.meta.get('model')!r}, h digest "
+                                 f"{index.meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
