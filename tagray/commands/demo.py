@@ -2,7 +2,9 @@
 
 Today: synth (rendered JPEGs) → split by user → tag statistics → featurize (ResNet-18
 with explicitly requested random weights: no pretrained weights ship with tagray) → train a
-robust LR head on Ray Train → calibrate it on the labelled val images → evaluate on test.
+robust LR head on Ray Train → calibrate it on the labelled val images → evaluate on test →
+train the word-embedding head (word vectors in the embedding shard server) → index the
+images → search for a tagged word and for a word no image carries → evaluate it.
 Each stage prints where its outputs went; a summary closes the run and is saved as summary.json.
 """
 
@@ -25,10 +27,17 @@ from tagray.data.schema import read_manifest, write_manifest
 from tagray.data.split import SplitConfig, assign_splits, split_sizes
 from tagray.data.stats import plot_statistics, tag_statistics, write_statistics
 from tagray.data.synth import SynthConfig, synthesize
+from tagray.data.word_vectors import write_synthetic_word_vectors
+from tagray.data.words import UNTAGGED_RELATED
 from tagray.eval.inputs import load_inputs
 from tagray.features.pipeline import FeaturizeConfig, featurize
+from tagray.features.store import read_features
 from tagray.heads.artifact import save_head
+from tagray.heads.embed_artifact import load_embed_head
+from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import HeadConfig
+from tagray.serve.index import WordIndex, build_image_index, save_image_index
+from tagray.train.embed_run import train_embed
 from tagray.train.run import TrainRunConfig, train_head
 
 
@@ -42,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the RLR head (default 30)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     return p
+
+
+def demo_queries(truth: dict, head, words: WordIndex) -> list[list[str]]:
+    """A tagged concept, the word near it that no image carries (open vocabulary), and a
+    two-word query — picked from what this (possibly tiny) corpus's vocabulary holds."""
+    seen = [c["tag"] for c in truth["concepts"] if c["tag"] in head.vocab.index] or list(head.vocab.tags[:2])
+    queries = [[seen[0]]]
+    related = UNTAGGED_RELATED.get(seen[0])
+    if related in words.where:
+        queries.append([related])
+    if len(seen) > 1:
+        queries.append(seen[:2])
+    return queries
 
 
 def _stage(name: str) -> float:
@@ -130,6 +152,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report → {report_uri}")
     summary["stages"]["evaluate"] = {"report": report_uri, "tag_prediction": report.get("tag_prediction"),
                                      "annotation": report.get("annotation"), "seconds": time.perf_counter() - t0}
+
+    t0 = _stage("embed: word-embedding head, word vectors in the embedding shard server (seed 004)")
+    vectors_uri = write_synthetic_word_vectors(synth["truth"], storage.join(corpus_dir, "word_vectors.txt"), dim=50,
+                                               seed=args.seed)
+    embed_cfg = EmbedConfig(hidden=(256,), epochs=args.epochs, batch_size=batch, vectors=vectors_uri)
+    embed_dir = storage.join(out, "model_embed")
+    embedded = train_embed(split_uri, features_dir, embed_dir, embed_cfg, TrainRunConfig(shards=2), normalizer)
+    print(f"{embedded['train_images']} images, {embedded['words']} words ({embedded['pretrained_words']} pretrained, "
+          f"{embedded['oov_snapping']['words']} never tagged and snapped), {embedded['steps']} steps, "
+          f"final loss {embedded['final_loss']:.3f}\nmodel → {embed_dir}")
+    head = load_embed_head(embed_dir)
+    features_table, _ = read_features(features_dir)
+    index = build_image_index(head, features_table, manifest, embed_dir)
+    index_dir = storage.join(out, "index_embed")
+    save_image_index(index, index_dir)
+    words = WordIndex.of(head)
+    labels = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("labels").to_pylist(), strict=True))
+    searches = {}
+    for query in demo_queries(truth, head, words):
+        hits = index.search(words.query_vector(query), 5)
+        searches[",".join(query)] = [{"image_id": i, "score": sc, "labels": labels.get(i)} for i, _, sc in hits]
+        print(f"search {','.join(query)!r}: " + ", ".join(f"{i} {labels.get(i)}" for i, _, _ in hits))
+    report_uri = storage.join(out, "evaluation_embed", "report.json")
+    embed_report = run_evaluation(load_inputs(embed_dir, split_uri, features_dir), embed_dir, "test", report_uri,
+                                  with_baselines=False)
+    print("\n".join(evaluate_lines(embed_report)))
+    print(f"index  → {index_dir}\nreport → {report_uri}")
+    summary["stages"]["embed"] = {"model": embed_dir, "index": index_dir, "searches": searches,
+                                  "tag_prediction": embed_report.get("tag_prediction"),
+                                  "seconds": time.perf_counter() - t0}
 
     summary["seconds"] = time.perf_counter() - t_start
     summary_uri = storage.join(out, "summary.json")

@@ -48,13 +48,15 @@ class EmbeddingShard:
     def stats(self) -> dict:
         import psutil
 
+        memory = psutil.Process(os.getpid()).memory_full_info()
         return {
             "rows": self.table.shape[0],
             "dim": self.table.shape[1],
             "bytes": self.table.nbytes(),
             "rows_pulled": self.table.rows_pulled,
             "rows_pushed": self.table.rows_pushed,
-            "rss_bytes": psutil.Process(os.getpid()).memory_info().rss,
+            "rss_bytes": memory.rss,  # includes pages of Ray's shared object store it mapped
+            "uss_bytes": memory.uss,  # memory this process alone holds
             "pid": os.getpid(),
         }
 
