@@ -52,11 +52,15 @@ def test_unknown_command(capsys):
 def test_demo_end_to_end(ray_local, tmp_path, capsys):
     assert cli.main(["demo", "--images", "160", "--epochs", "3", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize", "train", "calibrate", "evaluate"]
+    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize", "train", "calibrate", "evaluate", "embed"]
     assert summary["stages"]["featurize"]["featurized"] == 160
     assert summary["stages"]["calibrate"]["tags"] > 0
     report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
     assert {"tag_prediction", "annotation", "retrieval", "baselines"} <= set(report)
     assert summary["stages"]["split"]["sizes"]["test"]["images"] > 0
+    searches = summary["stages"]["embed"]["searches"]
+    assert searches and all(len(hits) == 5 for hits in searches.values())
+    assert (tmp_path / "index_embed" / "images.faiss").exists()
+    assert (tmp_path / "evaluation_embed" / "report.json").exists()
     out = capsys.readouterr().out
     assert "summary →" in out and str(tmp_path) in out
