@@ -92,3 +92,22 @@ def test_snapshot_restore_round_trip_on_s3(ray_local, s3_bucket):
             sharded.restore(f"s3://{bucket}/run/word_shards/missing")
     finally:
         sharded.kill()
+
+
+@pytest.mark.integration
+def test_pretrained_vectors_read_from_s3_are_normalised_like_tags(s3_bucket):
+    from tagray.data import storage
+    from tagray.data.normalize import NormalizerConfig, TagNormalizer
+    from tagray.data.word_vectors import read_word_vectors, word_table_init
+
+    endpoint, bucket = s3_bucket
+    uri = f"s3://{bucket}/glove/vectors.txt"
+    storage.write_text(uri, "4 3\nBeaches 1 0 0\nbeach 9 9 9\nsea_shore 0 1 0\n2012 0 0 1\n", endpoint)  # word2vec header
+    normalizer = TagNormalizer(NormalizerConfig())
+    words, vectors = read_word_vectors(uri, normalizer, endpoint_url=endpoint)
+    assert words == ["beach", "sea shore"]  # plural merged (first wins), phrase joined, year dropped
+    np.testing.assert_array_equal(vectors, [[1, 0, 0], [0, 1, 0]])
+    all_words, init, pretrained = word_table_init(("sunset", "beach"), (words, vectors), 3, 0.1)
+    assert all_words == ["sunset", "beach", "sea shore"]  # training tags first, then untagged words
+    assert pretrained.tolist() == [False, True, True]
+    np.testing.assert_array_equal(init[1], [1, 0, 0])
