@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": "tag prediction, annotation, retrieval metrics with baselines",
     "index": "embed head: a faiss index of every featurized image, for search",
     "search": "embed head: images for any vocabulary words, or words for an image",
+    "serve": "Ray Serve app: POST /v1/tag, GET /v1/search, the page at /",
     "demo": "run every stage end to end on generated data",
 }
 

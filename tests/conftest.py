@@ -76,3 +76,24 @@ def s3_bucket(s3_endpoint, request):
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
     return s3_endpoint, name
+
+
+def free_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_local, tmp_path_factory):
+    """`tagray demo` on 160 images, once per session: its outputs feed the demo and serve tests.
+    Returns (out directory, captured stdout)."""
+    import contextlib
+    import io
+
+    from tagray import cli
+
+    out = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(["demo", "--images", "160", "--epochs", "3", "--out", str(out), "--port", str(_free_port())])
+    assert rc == 0, buf.getvalue()[-3000:]
+    return out, buf.getvalue()

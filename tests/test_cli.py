@@ -49,10 +49,10 @@ def test_unknown_command(capsys):
 
 
 @pytest.mark.integration
-def test_demo_end_to_end(ray_local, tmp_path, capsys):
-    assert cli.main(["demo", "--images", "160", "--epochs", "3", "--out", str(tmp_path)]) == 0
+def test_demo_end_to_end(demo_run):
+    tmp_path, out = demo_run
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize", "train", "calibrate", "evaluate", "embed"]
+    assert list(summary["stages"]) == ["synth", "split", "stats", "featurize", "train", "calibrate", "evaluate", "embed", "serve"]
     assert summary["stages"]["featurize"]["featurized"] == 160
     assert summary["stages"]["calibrate"]["tags"] > 0
     report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
@@ -62,5 +62,5 @@ def test_demo_end_to_end(ray_local, tmp_path, capsys):
     assert searches and all(len(hits) == 5 for hits in searches.values())
     assert (tmp_path / "index_embed" / "images.faiss").exists()
     assert (tmp_path / "evaluation_embed" / "report.json").exists()
-    out = capsys.readouterr().out
-    assert "summary →" in out and str(tmp_path) in out
+    assert summary["stages"]["serve"]["tag"]["tags"] and summary["stages"]["serve"]["search"]["images"]
+    assert "summary →" in out and str(tmp_path) in out and "serving at http://127.0.0.1:" in out

@@ -21,12 +21,14 @@ CONFIG_CLASSES = {
 }
 # `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
 TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml")
+# Ray Serve configs: applications[0].args are ServeConfig fields; deployments name ours.
+SERVE_CONFIGS = ("serve_configs/tagray.yaml",)
 
 
 def test_every_config_file_is_known_and_loads():
     found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
              for p in (REPO / d).glob("*.yaml")}
-    assert found == set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | {"configs/non_image_tags.yaml"}
+    assert found == set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | {"configs/non_image_tags.yaml"}
     from tagray.commands.train import load_settings
 
     for rel in TRAIN_CONFIGS:
@@ -70,3 +72,20 @@ def test_invalid_values_rejected():
         SplitConfig(train=0.9, val=0.2, test=0.1)
     with pytest.raises(ConfigError, match="max_tags"):
         TagNormalizer(NormalizerConfig(max_tags=0))
+
+
+def test_serve_config_args_are_serve_config_fields():
+    from tagray.commands.serve import args_from_serve_config
+    from tagray.config import from_dict, load_yaml
+    from tagray.serve.service import ServeConfig
+
+    for rel in SERVE_CONFIGS:
+        text = (REPO / rel).read_text()
+        assert text.startswith("#") and "serve run" in text and "serve deploy" in text
+        cfg = from_dict(ServeConfig, args_from_serve_config(str(REPO / rel)), rel)
+        assert cfg.model and cfg.batch_size >= 1
+        app = load_yaml(REPO / rel)["applications"][0]
+        assert app["import_path"] == "tagray.serve.app:build_app"
+        assert {d["name"] for d in app["deployments"]} <= {"Tagger", "Searcher", "Ingress"}
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ServeConfig, {"model": "m", "batchsize": 3}, "args")

@@ -4,14 +4,18 @@ Today: synth (rendered JPEGs) → split by user → tag statistics → featurize
 with explicitly requested random weights: no pretrained weights ship with tagray) → train a
 robust LR head on Ray Train → calibrate it on the labelled val images → evaluate on test →
 train the word-embedding head (word vectors in the embedding shard server) → index the
-images → search for a tagged word and for a word no image carries → evaluate it.
+images → search for a tagged word and for a word no image carries → evaluate it → index the
+calibrated RLR model's predictions and serve it over HTTP (Ray Serve), with one tagging
+and one search request.
 Each stage prints where its outputs went; a summary closes the run and is saved as summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import threading
 import time
 
 from tagray.commands.calibrate import calibrate
@@ -36,7 +40,13 @@ from tagray.heads.artifact import save_head
 from tagray.heads.embed_artifact import load_embed_head
 from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import HeadConfig
-from tagray.serve.index import WordIndex, build_image_index, save_image_index
+from tagray.serve.index import (
+    WordIndex,
+    build_image_index,
+    build_prediction_index,
+    save_image_index,
+    save_prediction_index,
+)
 from tagray.train.embed_run import train_embed
 from tagray.train.run import TrainRunConfig, train_head
 
@@ -49,17 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="resnet18", help="torchvision backbone for featurize (default resnet18)")
     p.add_argument("--weights", default="random", help="backbone weights: path or s3:// URI, or 'random' (the default here)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the RLR head (default 30)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app at the end (default 8000)")
+    p.add_argument("--keep-serving", action="store_true", help="keep the Serve app up after the demo (Ctrl-C stops)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
     return p
 
 
-def demo_queries(truth: dict, head, words: WordIndex) -> list[list[str]]:
+def demo_queries(truth: dict, head, words: WordIndex | None) -> list[list[str]]:
     """A tagged concept, the word near it that no image carries (open vocabulary), and a
     two-word query — picked from what this (possibly tiny) corpus's vocabulary holds."""
     seen = [c["tag"] for c in truth["concepts"] if c["tag"] in head.vocab.index] or list(head.vocab.tags[:2])
     queries = [[seen[0]]]
     related = UNTAGGED_RELATED.get(seen[0])
-    if related in words.where:
+    if words is not None and related in words.where:
         queries.append([related])
     if len(seen) > 1:
         queries.append(seen[:2])
@@ -183,10 +195,47 @@ def main(argv: list[str] | None = None) -> int:
                                   "tag_prediction": embed_report.get("tag_prediction"),
                                   "seconds": time.perf_counter() - t0}
 
+    t0 = _stage("serve: the Ray Serve app over HTTP (tagging, search, the page at /)")
+    rlr_index = storage.join(out, "index_rlr")
+    save_prediction_index(build_prediction_index(load_inputs(calibrated_dir, split_uri, features_dir).head,
+                                                 features_table, manifest, calibrated_dir), rlr_index)
+    from tagray.commands.serve import start
+
+    url = start({"model": calibrated_dir, "index": rlr_index}, "127.0.0.1", args.port)
+    first = manifest.column("uri")[0].as_py()
+    tagged = _http_json(url + "v1/tag?k=5", storage.read_bytes(first))
+    query = ",".join(demo_queries(truth, inputs.head, None)[-1])
+    found = _http_json(url + "v1/search?k=5&q=" + query)
+    print(f"POST {url}v1/tag ({first}): " + ", ".join(f"{t['tag']} {t['p_true']:.2f}" for t in tagged["tags"]))
+    print(f"GET  {url}v1/search?q={query}: " + ", ".join(i["image_id"] for i in found["images"]))
+    print(f"index → {rlr_index}\nserving at {url} (page), {url}docs (API)")
+    summary["stages"]["serve"] = {"url": url, "index": rlr_index, "tag": tagged, "search": found,
+                                  "seconds": time.perf_counter() - t0}
+
     summary["seconds"] = time.perf_counter() - t_start
     summary_uri = storage.join(out, "summary.json")
     storage.write_text(summary_uri, json.dumps(summary, indent=1, default=str))
     print(f"\n=== done in {summary['seconds']:.0f}s; summary → {summary_uri}")
     for name, stage in summary["stages"].items():
         print(f"  {name:<9} {stage['seconds']:6.1f}s")
+    from ray import serve
+
+    if args.keep_serving:
+        print(f"serving at {url} — Ctrl-C stops", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    else:
+        print(f"(the app stops with the demo; keep it up with --keep-serving, or: tagray serve --model {calibrated_dir} "
+              f"--index {rlr_index})")
+    serve.shutdown()
     return 0
+
+
+def _http_json(url: str, data: bytes | None = None) -> dict:
+    """GET, or POST an image as multipart `file`, over real HTTP."""
+    import requests
+
+    r = requests.post(url, files={"file": ("image.jpg", data, "image/jpeg")}, timeout=60) if data is not None \
+        else requests.get(url, timeout=60)
+    r.raise_for_status()
+    return r.json()

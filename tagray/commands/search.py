@@ -1,6 +1,7 @@
-"""`tagray search`: with the embedding head, the images that best match any vocabulary words
-(`--q seashore,sunset`: the sum of the words' vectors, README: search), or the top words of
-an indexed image (`--image-id`)."""
+"""`tagray search`: the images of an index that match all query words (`--q beach,sunset`) —
+ranked by the product of calibrated P(z=1|x) for a linear head, by f·Σv over any vocabulary
+word for the embedding head (README: search) — or, for the embedding head, the top words
+of an indexed image (`--image-id`)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import json
 
 from tagray.commands.common import add_endpoint, command
 from tagray.config import ConfigError
-from tagray.heads.embed_artifact import load_embed_head
-from tagray.serve.index import WordIndex, check_index_matches, load_image_index
+from tagray.serve.index import WordIndex
+from tagray.serve.service import RequestError, SearchService, ServeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray search", description=__doc__)
-    p.add_argument("--model", required=True, help="embed model directory")
+    p.add_argument("--model", required=True, help="model directory (the one the index was built with)")
     p.add_argument("--index", required=True, help="index directory (tagray index)")
     p.add_argument("--q", default=None, help="comma-separated query words")
     p.add_argument("--image-id", default=None, help="an indexed image: print its top words instead")
@@ -23,10 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     add_endpoint(p)
     return p
-
-
-def search(words: WordIndex, index, query: list[str], k: int) -> list[dict]:
-    return [{"image_id": i, "uri": u, "score": s} for i, u, s in index.search(words.query_vector(query), k)]
 
 
 def image_words(words: WordIndex, index, image_id: str, k: int) -> list[dict]:
@@ -45,14 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give either --q WORDS or --image-id ID")
     if args.k < 1:
         raise ConfigError(f"-k must be ≥ 1, got {args.k}")
-    head = load_embed_head(args.model, endpoint_url=args.endpoint_url)
-    index = load_image_index(args.index, args.endpoint_url)
-    check_index_matches(index, head, args.index)
-    words = WordIndex.of(head)
-    if args.q is not None:
-        results = search(words, index, [w for w in args.q.split(",") if w.strip()], args.k)
-    else:
-        results = image_words(words, index, args.image_id, args.k)
+    service = SearchService(args.model, args.index, ServeConfig(max_k=max(args.k, ServeConfig.max_k),
+                                                               endpoint_url=args.endpoint_url))
+    try:
+        if args.q is not None:
+            results = service.search(service.terms(args.q), args.k)
+        elif service.words is None:
+            raise ConfigError("--image-id needs an embed model (its index holds image embeddings)")
+        else:
+            results = image_words(service.words, service.index, args.image_id, args.k)
+    except RequestError as e:
+        raise ConfigError(e.message) from None
     if args.json:
         print(json.dumps(results, indent=1))
     else:

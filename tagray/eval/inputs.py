@@ -23,15 +23,21 @@ class Inputs:
     features: pa.Table  # image_id, feature
 
 
-def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None) -> Inputs:
-    """Loads the head with the normaliser it was saved with, and refuses features of a
-    backbone other than the one it was trained on."""
+def load_model(model_dir: str, endpoint_url: str | None = None) -> SavedHead | SavedEmbedHead:
+    """Any saved head (by `model.json`'s head), with the normaliser it was saved with."""
     saved = storage.join(model_dir, NORMALIZER_FILE)
     if not storage.exists(saved, endpoint_url):
         raise FileNotFoundError(f"{model_dir}: not a tagray model (no {NORMALIZER_FILE})")
     normalizer = TagNormalizer.from_identity(json.loads(storage.read_text(saved, endpoint_url)))
     load = load_embed_head if head_kind(model_dir, endpoint_url) == "embed" else load_head
-    head = load(model_dir, normalizer, endpoint_url)
+    return load(model_dir, normalizer, endpoint_url)
+
+
+def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None) -> Inputs:
+    """Loads the head with the normaliser it was saved with, and refuses features of a
+    backbone other than the one it was trained on."""
+    head = load_model(model_dir, endpoint_url)
+    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
     features, identity = store.read_features(features_uri, endpoint_url)
     if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):
         raise schema.SchemaError(

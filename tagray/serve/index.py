@@ -113,11 +113,8 @@ def build_image_index(head: SavedEmbedHead, features: pa.Table, manifest: pa.Tab
     f = embed_images(head, x)
     index = faiss.IndexFlatIP(f.shape[1])
     index.add(np.ascontiguousarray(f))
-    uris: list[str | None] = [None] * len(f)
-    if manifest is not None and "uri" in manifest.column_names:
-        where = pc.index_in(ids, value_set=manifest.column("image_id"))
-        uris = pc.take(manifest.column("uri"), where).to_pylist()
-    meta = {"model": model_dir, "mlp_digest": head.mlp_digest, "images": len(f), "dim": int(f.shape[1]),
+    uris = _uris_of(ids, manifest)
+    meta = {"kind": "embeddings", "model": model_dir, "mlp_digest": head.mlp_digest, "images": len(f), "dim": int(f.shape[1]),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     return ImageIndex(index, ids.to_pylist(), uris, meta)
 
@@ -148,7 +145,107 @@ def load_image_index(directory: str, endpoint_url: str | None = None) -> ImageIn
     return ImageIndex(index, images.column("image_id").to_pylist(), images.column("uri").to_pylist(), meta)
 
 
-def check_index_matches(index: ImageIndex, head: SavedEmbedHead, where: str) -> None:
+def check_index_matches(index, head, where: str) -> None:
+    """Refuses an index built with another model than `head`."""
+    if isinstance(index, PredictionIndex):
+        if index.meta.get("weights_digest") != head_digest(head):
+            raise schema.SchemaError(f"{where}: built with another model ({index.meta.get('model')!r}); "
+                                     "rebuild it with `tagray index --model …`")
+        return
+    if not isinstance(head, SavedEmbedHead):
+        raise schema.SchemaError(f"{where}: an image-embedding index needs an embed model, not {head.config.head!r}")
     if index.meta.get("mlp_digest") != head.mlp_digest:
         raise schema.SchemaError(f"{where}: built with another model ({index.meta.get('model')!r}, h digest "
                                  f"{index.meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
+
+
+# --- linear heads: an index of the corpus's predictions --------------------------------------
+
+PREDICTIONS_FILE = "predictions.npy"
+
+
+@dataclass
+class PredictionIndex:
+    """log P(z=1|x) (calibrated) of every indexed image, stored tag-major (T, N) float16 so a
+    query reads one contiguous row per tag. Multi-tag queries rank images by the product of
+    the tags' probabilities (seed 001 §5.3): the sum of these rows."""
+
+    log_p: np.ndarray  # (T, N) float16
+    image_ids: list[str]
+    uris: list[str | None]
+    meta: dict
+
+    def search(self, columns: list[int], k: int) -> list[tuple[str, str | None, float]]:
+        """(image_id, uri, Π_t P(z_t=1|x)) of the k best images for the AND of `columns`."""
+        total = self.log_p[columns[0]].astype(np.float32)
+        for c in columns[1:]:
+            total += self.log_p[c]
+        k = min(k, len(total))
+        top = np.argpartition(-total, k - 1)[:k]
+        top = top[np.argsort(-total[top], kind="stable")]
+        return [(self.image_ids[i], self.uris[i], float(np.exp(total[i]))) for i in top]
+
+
+def build_prediction_index(head, features: pa.Table, manifest: pa.Table | None = None, model_dir: str = "",
+                           batch_size: int = 65_536) -> PredictionIndex:
+    """Scores every featurized image with a linear head (log P(z=1|x), with β when calibrated)."""
+    from tagray.heads.fit import align
+
+    ids = features.column("image_id")
+    x, _ = align(features, ids)
+    log_p = np.empty((head.model.tags, len(x)), np.float16)
+    with torch.inference_mode():
+        for lo in range(0, len(x), batch_size):
+            _, log_true = head.model.probabilities(x[lo : lo + batch_size])
+            log_p[:, lo : lo + batch_size] = log_true.numpy().T.clip(-60, 0)
+    meta = {"kind": "predictions", "model": model_dir, "vocabulary_version": head.vocab.version,
+            "weights_digest": head_digest(head), "images": len(x), "tags": head.model.tags,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return PredictionIndex(log_p, ids.to_pylist(), _uris_of(ids, manifest), meta)
+
+
+def head_digest(head) -> str:
+    """Identity of a linear head's weights and intercepts (an index belongs to one)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(head.model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _uris_of(ids, manifest: pa.Table | None) -> list[str | None]:
+    if manifest is None or "uri" not in manifest.column_names:
+        return [None] * len(ids)
+    return pc.take(manifest.column("uri"), pc.index_in(ids, value_set=manifest.column("image_id"))).to_pylist()
+
+
+def save_prediction_index(index: PredictionIndex, directory: str, endpoint_url: str | None = None) -> str:
+    import io
+
+    storage.makedirs(directory, endpoint_url)
+    buf = io.BytesIO()
+    np.save(buf, index.log_p)
+    storage.write_bytes(storage.join(directory, PREDICTIONS_FILE), buf.getvalue(), endpoint_url)
+    schema.write_table(pa.table({"image_id": pa.array(index.image_ids, pa.string()),
+                                 "uri": pa.array(index.uris, pa.string())}),
+                       storage.join(directory, IMAGES_FILE), endpoint_url)
+    storage.write_text(storage.join(directory, META_FILE), json.dumps(index.meta, indent=1), endpoint_url)
+    return directory
+
+
+def load_any_index(directory: str, endpoint_url: str | None = None) -> ImageIndex | PredictionIndex:
+    """The index in `directory`: predictions of a linear head, or image embeddings of an embed head."""
+    import io
+
+    if not storage.exists(storage.join(directory, META_FILE), endpoint_url):
+        raise FileNotFoundError(f"{directory}: not a tagray index (no {META_FILE}); build one with `tagray index`")
+    meta = json.loads(storage.read_text(storage.join(directory, META_FILE), endpoint_url))
+    if meta.get("kind") != "predictions":
+        return load_image_index(directory, endpoint_url)
+    log_p = np.load(io.BytesIO(storage.read_bytes(storage.join(directory, PREDICTIONS_FILE), endpoint_url)))
+    images = schema.read_table(storage.join(directory, IMAGES_FILE), endpoint_url=endpoint_url)
+    if log_p.shape[1] != images.num_rows:
+        raise schema.SchemaError(f"{directory}: {PREDICTIONS_FILE} holds {log_p.shape[1]} images, {IMAGES_FILE} {images.num_rows}")
+    return PredictionIndex(log_p, images.column("image_id").to_pylist(), images.column("uri").to_pylist(), meta)

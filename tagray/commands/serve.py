@@ -1,0 +1,69 @@
+"""`tagray serve`: the Ray Serve app (tagging, search, the page at /) for a model directory
+and its index, on the Ray cluster in RAY_ADDRESS or a local one. Same app as
+`serve run serve_configs/tagray.yaml`."""
+
+import argparse
+import threading
+
+from tagray.commands.common import add_endpoint, add_overrides, command
+from tagray.config import ConfigError, load_yaml, parse_overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tagray serve", description=__doc__)
+    p.add_argument("--model", default=None, help="model directory (lr/rlr, calibrated or not, or embed)")
+    p.add_argument("--index", default=None, help="index directory from `tagray index` (enables /v1/search)")
+    p.add_argument("--config", default=None, help="a Serve config (serve_configs/tagray.yaml): its app's args")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--bucket", action="append", default=[], help="a bucket /v1/tag may read s3:// URIs from (repeat)")
+    p.add_argument("--ray-address", default=None)
+    add_endpoint(p)
+    add_overrides(p, "ServeConfig")
+    return p
+
+
+def args_from_serve_config(path: str) -> dict:
+    """The `args` of the first application in a Serve config file."""
+    data = load_yaml(path)
+    apps = data.get("applications") or []
+    if not apps or "args" not in apps[0]:
+        raise ConfigError(f"{path}: expected applications[0].args (a Serve config, see serve_configs/tagray.yaml)")
+    return dict(apps[0]["args"])
+
+
+def start(args: dict, host: str, port: int):
+    """Starts Serve's HTTP proxy and deploys the app; returns its URL."""
+    from ray import serve
+
+    from tagray.serve.app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name="tagray", route_prefix="/")
+    return f"http://{host}:{port}/"
+
+
+@command("serve")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = args_from_serve_config(args.config) if args.config else {}
+    settings.update(parse_overrides(args.overrides))
+    for key, value in (("model", args.model), ("index", args.index), ("endpoint_url", args.endpoint_url)):
+        if value is not None:
+            settings[key] = value
+    if args.bucket:
+        settings["buckets"] = args.bucket
+    if "model" not in settings:
+        raise ConfigError("give --model MODEL (or a --config whose args name one)")
+    from tagray.runtime import init_ray
+
+    init_ray(args.ray_address)
+    url = start(settings, args.host, args.port)
+    print(f"serving {settings['model']} at {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
