@@ -73,6 +73,18 @@ def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) 
     return directory
 
 
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 prefix of a module's state (names and values): what an index built from its
+    outputs belongs to."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def head_kind(directory: str, endpoint_url: str | None = None) -> str:
     """The `head` a model directory holds (lr, rlr, embed)."""
     if not storage.exists(storage.join(directory, MODEL_FILE), endpoint_url):

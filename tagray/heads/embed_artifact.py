@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
-from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE
+from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, state_digest
 from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP, tag_log_prior
 
 VECTORS_FILE = "word_vectors.safetensors"
@@ -53,13 +53,7 @@ class SavedEmbedHead:
     @property
     def mlp_digest(self) -> str:
         """Identity of h: image embeddings (and an image index) belong to this digest."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for key, value in sorted(self.mlp.state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        return state_digest(self.mlp)
 
     @property
     def calibrated(self) -> np.ndarray:

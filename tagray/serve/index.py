@@ -206,13 +206,9 @@ def build_prediction_index(head, features: pa.Table, manifest: pa.Table | None =
 
 def head_digest(head) -> str:
     """Identity of a linear head's weights and intercepts (an index belongs to one)."""
-    import hashlib
+    from tagray.heads.artifact import state_digest
 
-    h = hashlib.sha256()
-    for key, value in sorted(head.model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(head.model)
 
 
 def _uris_of(ids, manifest: pa.Table | None) -> list[str | None]:
