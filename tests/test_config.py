@@ -23,12 +23,15 @@ CONFIG_CLASSES = {
 TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml")
 # Ray Serve configs: applications[0].args are ServeConfig fields; deployments name ours.
 SERVE_CONFIGS = ("serve_configs/tagray.yaml",)
+# Cluster definitions (Ray cluster launcher, KubeRay): checked in tests/test_cluster.py.
+CLUSTER_CONFIGS = ("clusters/aws-gpu.yaml", "clusters/local.yaml", "clusters/rayjob-train.yaml", "clusters/rayservice.yaml")
 
 
 def test_every_config_file_is_known_and_loads():
     found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
              for p in (REPO / d).glob("*.yaml")}
-    assert found == set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | {"configs/non_image_tags.yaml"}
+    known = set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | set(CLUSTER_CONFIGS)
+    assert found == known | {"configs/non_image_tags.yaml"}
     from tagray.commands.train import load_settings
 
     for rel in TRAIN_CONFIGS:
