@@ -11,6 +11,7 @@ demo: setup
 	$(VENV)/bin/tagray demo
 
 test: setup
+	bash scripts/setup_browser.sh
 	$(VENV)/bin/ruff check tagray tests benchmarks scripts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

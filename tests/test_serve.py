@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,43 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     ray.kill(ray.get_actor(tagger[0].name, namespace=tagger[0].ray_namespace), no_restart=True)
     _wait_for(lambda: _tag(app, data).status_code == 200, "a replacement Tagger replica")
     assert requests.get(f"{app['url']}healthz", timeout=30).status_code == 200
+
+
+@pytest.mark.integration
+def test_page_searches_and_tags_in_headless_chromium(app, tmp_path):
+    """The page at /, driven in Debian's headless Chromium (Selenium + chromedriver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(app["url"])
+        wait = WebDriverWait(driver, 60)
+        known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
+        box = driver.find_element(By.ID, "q")
+        box.send_keys(known)
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        results = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "figure.result"))
+        assert 1 <= len(results) <= 12
+        # the thumbnails load (naturalWidth > 0 once the JPEG arrived through /v1/images/…)
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('figure.result img')].every(i => i.complete && i.naturalWidth > 0)"))
+        photo = app["uris"][5]
+        assert Path(photo).is_absolute()
+        driver.find_element(By.ID, "file").send_keys(photo)
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag"))
+        assert 1 <= len(rows) <= 8
+        expected = _tag(app, storage.read_bytes(photo), k=8).json()["tags"]
+        assert rows[0].find_elements(By.TAG_NAME, "td")[0].text == expected[0]["tag"]
+        shot = tmp_path / "page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        print(f"page screenshot → {shot}")
+    finally:
+        driver.quit()
