@@ -43,7 +43,7 @@ class ServeConfig:
     max_query_terms: int = 5  # more search terms → 422
     max_k: int = 100  # largest k of /v1/tag and /v1/search
     batch_size: int = 16  # @serve.batch: images per model call
-    batch_wait_s: float = 0.01  # @serve.batch: longest wait for a batch to fill
+    batch_wait_s: float = 0.0  # @serve.batch: wait for more requests; 0 = take what queued during the last call
     tagger_replicas: int = 1
     searcher_replicas: int = 1
     tagger_cpus: float = 1.0
