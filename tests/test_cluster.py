@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,15 @@ def test_ray_job_submit_trains_on_a_local_cluster(tmp_path):
     )
     try:
         _wait_for_dashboard(f"http://127.0.0.1:{dashboard}/api/version", head)
-        submit = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(data),
-             "--", "tagray", "train", "--head", "rlr", "--manifest", "split.parquet", "--features", "features.parquet",
-             "--out", str(model), "epochs=2", "batch_size=100", "worker_cpus=0.5"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
+        command = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir",
+                   str(data), "--", "tagray", "train", "--head", "rlr", "--manifest", "split.parquet", "--features",
+                   "features.parquet", "--out", str(model), "epochs=2", "batch_size=100", "worker_cpus=0.5"]
+        deadline = time.monotonic() + 120
+        while True:  # the dashboard answers before the node's job agent has registered: retry that one error
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout + submit.stderr
         for name in ("weights.safetensors", "tags.parquet", "model.json", "metrics.json"):
@@ -93,7 +97,6 @@ def test_ray_job_submit_trains_on_a_local_cluster(tmp_path):
 
 def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0) -> None:
     """Polls the dashboard's version endpoint (bounded) until the head answers."""
-    import time
     import urllib.request
 
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ replica that dies being replaced."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from pathlib import Path
 
@@ -180,6 +181,16 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     save_prediction_index(build_prediction_index(load_model(new_model), features, None, new_model), new_index)
     serve.run(build_app({**app["args"], "model": new_model, "index": new_index}), name="tagray", route_prefix="/")
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == new_model
+    assert _tag(app, data).status_code == 200
+    # The embedding head: open-vocabulary search through its faiss index, same answers as the demo's.
+    embed = {**app["args"], "model": str(app["out"] / "model_embed"), "index": str(app["out"] / "index_embed")}
+    serve.run(build_app(embed), name="tagray", route_prefix="/")
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["head"] == "embed"
+    searches = json.loads((app["out"] / "summary.json").read_text())["stages"]["embed"]["searches"]
+    for query, hits in searches.items():
+        r = requests.get(f"{app['url']}v1/search", params={"q": query, "k": 5}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [i["image_id"] for i in r.json()["images"]] == [h["image_id"] for h in hits]
     assert _tag(app, data).status_code == 200
     serve.run(build_app(app["args"]), name="tagray", route_prefix="/")  # and back
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == app["args"]["model"]
