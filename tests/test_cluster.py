@@ -67,11 +67,16 @@ def test_ray_job_submit_trains_on_a_local_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled")
     gcs, dashboard = free_port(), free_port()
+    # Every port of its own: the session's local Ray (ray_local) already holds Ray's defaults,
+    # and a job agent that cannot bind leaves the dashboard with "No available agent".
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp = Path("/tmp") / f"tagray-job-{os.getpid()}"  # short: Ray's socket paths have a length limit
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
-         f"--temp-dir={temp}"],
+         f"--temp-dir={temp}", *own_ports],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
