@@ -119,9 +119,9 @@ def bench_search(images: int, n: int, port: int, workdir: str) -> dict:
     from tagray.data.schema import read_manifest
     from tagray.data.split import SplitConfig, assign_splits
     from tagray.data.synth import SynthConfig, synthesize
-    from tagray.eval.inputs import load_model
     from tagray.features.store import read_features
     from tagray.heads.fit import align
+    from tagray.heads.models import load_model
     from tagray.heads.targets import build_targets, dense
     from tagray.serve.index import build_prediction_index, save_prediction_index
     from tagray.train.run import prepare_vocabulary

@@ -12,27 +12,23 @@ import torch
 
 from tagray import cli
 from tagray.data.normalize import TagNormalizer
-from tagray.data.schema import read_manifest, write_manifest
-from tagray.data.split import SplitConfig, assign_splits
-from tagray.data.synth import SynthConfig, synthesize
+from tagray.data.schema import read_manifest
 from tagray.data.word_vectors import (
     read_word_vectors,
     word_table_init,
     write_synthetic_word_vectors,
 )
 from tagray.heads.embed_artifact import load_embed_head
+from tests.corpora import split_corpus
 
 COMMON = ["hidden=[128]", "worker_cpus=0.5", "checkpoint_every=15", "batch_size=128", "oov_steps=400"]
 
 
 @pytest.fixture(scope="module")
 def corpus(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("embed")
-    written = synthesize(SynthConfig(images=8000, seed=2, feature_dim=64), str(out / "corpus"), features_only=True)
-    manifest = str(out / "manifest.parquet")
-    write_manifest(assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0)), manifest)
-    vectors = write_synthetic_word_vectors(written["truth"], str(out / "vectors.txt"), dim=32)
-    return {"dir": out, "manifest": manifest, "features": written["features"], "vectors": vectors}
+    corpus = split_corpus(tmp_path_factory.mktemp("embed"), 8000, seed=2, feature_dim=64)
+    corpus["vectors"] = write_synthetic_word_vectors(corpus["truth"], str(corpus["dir"] / "vectors.txt"), dim=32)
+    return corpus
 
 
 def _train(corpus, name: str, *overrides: str, workers: int = 2) -> dict:
@@ -104,6 +100,14 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     top = _search(corpus, "embed", capsys, "--image-id", beach[0]["image_id"], "-k", "5")
     assert len(top) == 5
 
+    # The trained model's own bad-input paths: an unknown query word; calibrating a non-linear head.
+    assert cli.main(["search", "--model", str(model), "--index", str(corpus["dir"] / "embed-index"),
+                     "--q", "beach,flurbish"]) == 2
+    assert "unknown word 'flurbish'" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
+                     corpus["features"], "--out", str(corpus["dir"] / "cal")]) == 2
+    assert "linear head" in capsys.readouterr().err
+
 
 def _initial(corpus, head) -> torch.Tensor:
     """The training tags' vectors before training (pretrained file, or random where missing)."""
@@ -129,11 +133,3 @@ def test_embed_errors_are_clear(corpus, capsys, tmp_path):
     assert "none.txt: no such word-vector file" in capsys.readouterr().err
     assert cli.main([*argv[:-len(COMMON) - 2], "sampler=nearest"]) == 2
     assert "sampler must be one of frequency, adjacent, pool" in capsys.readouterr().err
-    model = corpus["dir"] / "embed"
-    if (model / "model.json").exists():  # after the training test
-        assert cli.main(["search", "--model", str(model), "--index", str(corpus["dir"] / "embed-index"),
-                         "--q", "beach,flurbish"]) == 2
-        assert "unknown word 'flurbish'" in capsys.readouterr().err
-        assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
-                         corpus["features"], "--out", str(tmp_path / "cal")]) == 2
-        assert "linear head" in capsys.readouterr().err

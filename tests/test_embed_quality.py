@@ -10,38 +10,24 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from tagray.config import load_config
-from tagray.data.normalize import NormalizerConfig, TagNormalizer
-from tagray.data.schema import read_manifest
-from tagray.data.split import SplitConfig, assign_splits
-from tagray.data.synth import SynthConfig, synthesize
 from tagray.data.word_vectors import synthetic_word_vectors, word_table_init
 from tagray.eval.report import EvalConfig, evaluate_head
-from tagray.features.store import read_features
 from tagray.heads.embedding import EmbedConfig, EmbedTagger, fit_embed, tag_log_prior
 from tagray.heads.fit import align
-from tagray.heads.targets import build_targets
 from tagray.heads.word_table import WordTable
 from tagray.train.data import padded_ids
-from tagray.train.run import prepare_vocabulary
+from tests.corpora import load_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("embed_quality")
-    written = synthesize(SynthConfig(images=20_000, seed=1, feature_dim=128), str(out), features_only=True)
-    manifest = assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0))
-    normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
-    vocab = prepare_vocabulary(manifest, normalizer)
-    targets = build_targets(manifest, normalizer, vocab)
-    features, _ = read_features(written["features"])
-    train = targets.filter(pc.equal(targets.column("split"), "train"))
-    train = train.filter(pc.greater(pc.list_value_length(train.column("tag_ids")), 0))
-    x, found = align(features, train.column("image_id"))
+    c = load_corpus(tmp_path_factory.mktemp("embed_quality"), 20_000)
+    train = c.train.filter(pc.greater(pc.list_value_length(c.train.column("tag_ids")), 0))
+    x, found = align(c.features, train.column("image_id"))
     ids = padded_ids(train.column("tag_ids").take(found), 16)
-    words, vectors = synthetic_word_vectors(json.loads(Path(written["truth"]).read_text()), 32)
-    pretrained = ([normalizer.normalize_tag(w) for w in words], vectors)
-    return {"vocab": vocab, "targets": targets, "features": features, "x": x, "ids": ids, "pretrained": pretrained}
+    words, vectors = synthetic_word_vectors(json.loads(Path(c.truth).read_text()), 32)
+    pretrained = ([c.normalizer.normalize_tag(w) for w in words], vectors)
+    return {"vocab": c.vocab, "targets": c.targets, "features": c.features, "x": x, "ids": ids, "pretrained": pretrained}
 
 
 def train_and_evaluate(corpus, **settings) -> dict:

@@ -12,34 +12,22 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from tagray.config import load_config
-from tagray.data.normalize import NormalizerConfig, TagNormalizer
-from tagray.data.schema import read_manifest
-from tagray.data.split import SplitConfig, assign_splits
-from tagray.data.synth import SynthConfig, synthesize
 from tagray.eval.report import EvalConfig, evaluate_head
-from tagray.features.store import read_features
 from tagray.heads.calibrate import fit_intercepts
 from tagray.heads.fit import HeadConfig, align, fit
-from tagray.heads.targets import build_targets, dense, label_vocabulary
-from tagray.train.run import prepare_vocabulary
+from tagray.heads.targets import dense, label_vocabulary
+from tests.corpora import load_corpus
 
 TRAIN = {"epochs": 60, "lr": 0.01, "weight_decay": 1e-4}
 
 
 @pytest.fixture(scope="session")
 def corpus(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("quality")
-    written = synthesize(SynthConfig(images=60_000, seed=1, feature_dim=128), str(out), features_only=True)
-    manifest = assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0))
-    normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
-    vocab = prepare_vocabulary(manifest, normalizer)
-    targets = build_targets(manifest, normalizer, vocab)
-    features, _ = read_features(written["features"])
-    train = targets.filter(pc.equal(targets.column("split"), "train"))
+    c = load_corpus(tmp_path_factory.mktemp("quality"), 60_000)
+    vocab, targets, features, train = c.vocab, c.targets, c.features, c.train
     x, found = align(features, train.column("image_id"))
     y = dense(train.column("tag_ids").take(found), len(vocab))
-    truth = json.loads(Path(written["truth"]).read_text())
+    truth = json.loads(Path(c.truth).read_text())
     return {"vocab": vocab, "targets": targets, "features": features, "x": x, "y": y, "truth": truth}
 
 

@@ -169,8 +169,8 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     from ray import serve
     from ray.util.state import list_actors
 
-    from tagray.eval.inputs import load_model
     from tagray.features.store import read_features
+    from tagray.heads.models import load_model
     from tagray.serve.app import build_app
     from tagray.serve.index import build_prediction_index, save_prediction_index
 
@@ -240,3 +240,27 @@ def test_page_searches_and_tags_in_headless_chromium(app, tmp_path):
         print(f"page screenshot → {shot}")
     finally:
         driver.quit()
+
+
+@pytest.mark.integration
+def test_serve_refuses_a_missing_model_a_foreign_index_and_bad_settings(demo_run, capsys):
+    """Checked before anything is deployed: one clear error, exit status 2."""
+    from tagray import cli
+    from tagray.commands.serve import check_deployable
+    from tagray.config import ConfigError, from_dict
+    from tagray.data.schema import SchemaError
+
+    out, _ = demo_run
+    with pytest.raises(FileNotFoundError, match="not a tagray model"):
+        check_deployable({"model": str(out / "no_such_model")})
+    with pytest.raises(SchemaError, match="built with another model"):  # the calibrated model's β changed the head
+        check_deployable({"model": str(out / "model_rlr"), "index": str(out / "index_rlr")})
+    with pytest.raises(SchemaError, match="needs an embed model"):
+        check_deployable({"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_embed")})
+    check_deployable({"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_rlr")})  # the right pair
+    with pytest.raises(ConfigError, match="bucket names"):
+        from_dict(ServeConfig, {"buckets": ["s3://b"]}, "args")
+    with pytest.raises(ConfigError, match="≥ 1"):
+        from_dict(ServeConfig, {"batch_size": 0}, "args")
+    assert cli.main(["serve", "--model", str(out / "no_such_model")]) == 2
+    assert "not a tagray model" in capsys.readouterr().err

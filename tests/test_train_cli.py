@@ -11,19 +11,14 @@ import pytest
 
 from tagray import cli
 from tagray.data.schema import read_manifest, write_manifest
-from tagray.data.split import SplitConfig, assign_splits
-from tagray.data.synth import SynthConfig, synthesize
+from tests.corpora import split_corpus
 
 COMMON = ["epochs=4", "lr=0.01", "worker_cpus=0.5", "checkpoint_every=10"]
 
 
 @pytest.fixture(scope="module")
 def small(ray_local, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train")
-    written = synthesize(SynthConfig(images=8000, seed=2, feature_dim=64), str(out / "corpus"), features_only=True)
-    manifest = str(out / "manifest.parquet")
-    write_manifest(assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0)), manifest)
-    return {"dir": out, "manifest": manifest, "features": written["features"]}
+    return split_corpus(tmp_path_factory.mktemp("train"), 8000, seed=2, feature_dim=64)
 
 
 def _train(small, name: str, *extra: str) -> dict:

@@ -14,10 +14,8 @@ from tagray.data.normalize import NormalizerMismatch
 from tagray.data.schema import SchemaError
 from tagray.data.word_vectors import WordVectorError
 from tagray.data.wordnet import WordNetUnavailable
-from tagray.serve.index import UnknownWord
 
-USER_ERRORS = (ConfigError, SchemaError, NormalizerMismatch, WordNetUnavailable, FileNotFoundError, WordVectorError,
-               UnknownWord)
+USER_ERRORS = (ConfigError, SchemaError, NormalizerMismatch, WordNetUnavailable, FileNotFoundError, WordVectorError)
 
 
 def add_overrides(parser: argparse.ArgumentParser, what: str) -> None:

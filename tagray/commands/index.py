@@ -10,9 +10,9 @@ import time
 
 from tagray.commands.common import add_endpoint, command
 from tagray.data import schema
-from tagray.eval.inputs import load_model
 from tagray.features import store
 from tagray.heads.embed_artifact import SavedEmbedHead
+from tagray.heads.models import load_model
 from tagray.serve.index import (
     build_image_index,
     build_prediction_index,

@@ -32,12 +32,27 @@ def args_from_serve_config(path: str) -> dict:
     return dict(apps[0]["args"])
 
 
+def check_deployable(args: dict) -> None:
+    """The model loads and the index belongs to it — checked here, so a wrong path is one clear
+    error instead of a deployment that fails inside Serve."""
+    from tagray.config import from_dict
+    from tagray.heads.models import load_model
+    from tagray.serve.index import check_index_matches, read_index_meta
+    from tagray.serve.service import ServeConfig
+
+    cfg = from_dict(ServeConfig, dict(args), "serve args")
+    head = load_model(cfg.model, cfg.endpoint_url)
+    if cfg.index:
+        check_index_matches(read_index_meta(cfg.index, cfg.endpoint_url), head, cfg.index)
+
+
 def start(args: dict, host: str, port: int):
-    """Starts Serve's HTTP proxy and deploys the app; returns its URL."""
+    """Checks the model and index, starts Serve's HTTP proxy and deploys the app; returns its URL."""
     from ray import serve
 
     from tagray.serve.app import build_app
 
+    check_deployable(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name="tagray", route_prefix="/")
     return f"http://{host}:{port}/"

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tagray.data import schema, storage
-from tagray.data.normalize import NORMALIZER_FILE, TagNormalizer
+from tagray.data import schema
+from tagray.data.normalize import TagNormalizer
 from tagray.features import store
-from tagray.heads.artifact import SavedHead, head_kind, load_head
-from tagray.heads.embed_artifact import SavedEmbedHead, load_embed_head
+from tagray.heads.artifact import SavedHead
+from tagray.heads.embed_artifact import SavedEmbedHead
+from tagray.heads.models import load_model
 from tagray.heads.targets import build_targets
 
 
@@ -21,16 +21,6 @@ class Inputs:
     normalizer: TagNormalizer
     targets: pa.Table  # build_targets() of the whole manifest
     features: pa.Table  # image_id, feature
-
-
-def load_model(model_dir: str, endpoint_url: str | None = None) -> SavedHead | SavedEmbedHead:
-    """Any saved head (by `model.json`'s head), with the normaliser it was saved with."""
-    saved = storage.join(model_dir, NORMALIZER_FILE)
-    if not storage.exists(saved, endpoint_url):
-        raise FileNotFoundError(f"{model_dir}: not a tagray model (no {NORMALIZER_FILE})")
-    normalizer = TagNormalizer.from_identity(json.loads(storage.read_text(saved, endpoint_url)))
-    load = load_embed_head if head_kind(model_dir, endpoint_url) == "embed" else load_head
-    return load(model_dir, normalizer, endpoint_url)
 
 
 def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None) -> Inputs:

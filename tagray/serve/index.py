@@ -134,8 +134,7 @@ def save_image_index(index: ImageIndex, directory: str, endpoint_url: str | None
 def load_image_index(directory: str, endpoint_url: str | None = None) -> ImageIndex:
     import faiss
 
-    if not storage.exists(storage.join(directory, META_FILE), endpoint_url):
-        raise FileNotFoundError(f"{directory}: not a tagray index (no {META_FILE}); build one with `tagray index`")
+    read_index_meta(directory, endpoint_url)
     blob = storage.read_bytes(storage.join(directory, INDEX_FILE), endpoint_url)
     index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     images = schema.read_table(storage.join(directory, IMAGES_FILE), endpoint_url=endpoint_url)
@@ -145,18 +144,25 @@ def load_image_index(directory: str, endpoint_url: str | None = None) -> ImageIn
     return ImageIndex(index, images.column("image_id").to_pylist(), images.column("uri").to_pylist(), meta)
 
 
-def check_index_matches(index, head, where: str) -> None:
-    """Refuses an index built with another model than `head`."""
-    if isinstance(index, PredictionIndex):
-        if index.meta.get("weights_digest") != head_digest(head):
-            raise schema.SchemaError(f"{where}: built with another model ({index.meta.get('model')!r}); "
+def read_index_meta(directory: str, endpoint_url: str | None = None) -> dict:
+    """index.json of an index directory (cheap: the index itself is not read)."""
+    if not storage.exists(storage.join(directory, META_FILE), endpoint_url):
+        raise FileNotFoundError(f"{directory}: not a tagray index (no {META_FILE}); build one with `tagray index`")
+    return json.loads(storage.read_text(storage.join(directory, META_FILE), endpoint_url))
+
+
+def check_index_matches(meta: dict, head, where: str) -> None:
+    """Refuses an index (by its index.json) built with another model than `head`."""
+    if meta.get("kind") == "predictions":
+        if isinstance(head, SavedEmbedHead) or meta.get("weights_digest") != head_digest(head):
+            raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}); "
                                      "rebuild it with `tagray index --model …`")
         return
     if not isinstance(head, SavedEmbedHead):
         raise schema.SchemaError(f"{where}: an image-embedding index needs an embed model, not {head.config.head!r}")
-    if index.meta.get("mlp_digest") != head.mlp_digest:
-        raise schema.SchemaError(f"{where}: built with another model ({index.meta.get('model')!r}, h digest "
-                                 f"{index.meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
+    if meta.get("mlp_digest") != head.mlp_digest:
+        raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}, h digest "
+                                 f"{meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
 
 
 # --- linear heads: an index of the corpus's predictions --------------------------------------
@@ -235,9 +241,7 @@ def load_any_index(directory: str, endpoint_url: str | None = None) -> ImageInde
     """The index in `directory`: predictions of a linear head, or image embeddings of an embed head."""
     import io
 
-    if not storage.exists(storage.join(directory, META_FILE), endpoint_url):
-        raise FileNotFoundError(f"{directory}: not a tagray index (no {META_FILE}); build one with `tagray index`")
-    meta = json.loads(storage.read_text(storage.join(directory, META_FILE), endpoint_url))
+    meta = read_index_meta(directory, endpoint_url)
     if meta.get("kind") != "predictions":
         return load_image_index(directory, endpoint_url)
     log_p = np.load(io.BytesIO(storage.read_bytes(storage.join(directory, PREDICTIONS_FILE), endpoint_url)))

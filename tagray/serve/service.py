@@ -51,6 +51,19 @@ class ServeConfig:
     torch_threads: int = 0  # per tagger replica; 0 = torch's default
     base_dir: str | None = None  # relative paths (model, index, image uris) resolve here; default: where the app was built
 
+    def __post_init__(self) -> None:
+        from tagray.config import ConfigError
+
+        if min(self.max_image_bytes, self.max_pixels, self.max_query_terms, self.max_k, self.batch_size,
+               self.tagger_replicas, self.searcher_replicas) < 1:
+            raise ConfigError("max_image_bytes, max_pixels, max_query_terms, max_k, batch_size and the replica "
+                              "counts must be ≥ 1")
+        if self.batch_wait_s < 0 or self.tagger_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 0:
+            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus and torch_threads must be ≥ 0")
+        bad = [b for b in self.buckets if not b or "/" in b or "://" in b]
+        if bad:
+            raise ConfigError(f"buckets are bucket names (no s3:// or /), got {bad}")
+
 
 def resolve(uri: str, base_dir: str | None) -> str:
     """A relative local path against `base_dir`; URIs and absolute paths unchanged."""
@@ -84,7 +97,7 @@ class TaggingService:
     """Backbone + head of a model directory: decoded images → top-k tags with P(y) and P(z)."""
 
     def __init__(self, model_dir: str, cfg: ServeConfig) -> None:
-        from tagray.eval.inputs import load_model
+        from tagray.heads.models import load_model
 
         self.cfg = cfg
         self.model_dir = model_dir
@@ -182,24 +195,29 @@ class SearchService:
 
     def __init__(self, model_dir: str, index_dir: str, cfg: ServeConfig, head=None) -> None:
         from tagray.data.normalize import TagNormalizer
-        from tagray.eval.inputs import load_model
         from tagray.heads.embed_artifact import SavedEmbedHead
-        from tagray.serve.index import WordIndex, check_index_matches, load_any_index
+        from tagray.heads.models import load_model
+        from tagray.serve.index import (
+            WordIndex,
+            check_index_matches,
+            load_any_index,
+            read_index_meta,
+        )
 
         self.cfg = cfg
         self.head = head if head is not None else load_model(model_dir, cfg.endpoint_url)
+        check_index_matches(read_index_meta(index_dir, cfg.endpoint_url), self.head, index_dir)
         self.index = load_any_index(index_dir, cfg.endpoint_url)
-        check_index_matches(self.index, self.head, index_dir)
+        self._rows: dict[str, int] | None = None
         self.normalizer = TagNormalizer.from_identity(self.head.vocab.normalizer)
         self.words = WordIndex.of(self.head) if isinstance(self.head, SavedEmbedHead) else None
         self.score = "f·Σv (sum of the words' logits)" if self.words else "product of calibrated P(z=1|x)"
 
     def image_bytes(self, image_id: str) -> bytes:
         """The bytes of an image the index lists (by its manifest uri), at most max_image_bytes."""
-        where = getattr(self, "_rows", None)
-        if where is None:
-            where = self._rows = {i: r for r, i in enumerate(self.index.image_ids)}
-        row = where.get(image_id)
+        if self._rows is None:
+            self._rows = {i: r for r, i in enumerate(self.index.image_ids)}
+        row = self._rows.get(image_id)
         uri = self.index.uris[row] if row is not None else None
         if uri is None:
             raise RequestError(404, f"image {image_id!r} is not in the index (or has no uri)")

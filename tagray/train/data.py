@@ -94,5 +94,15 @@ def training_dataset(
     )
 
 
+def epoch_batches(shard, per_worker: int, seed: int, epoch: int, rank: int):
+    """One epoch of a worker's dataset shard: numpy batches of `per_worker` rows, locally
+    shuffled with a seed of (seed, epoch, rank), the last partial batch dropped (every worker
+    takes the same number of steps)."""
+    return shard.iter_batches(
+        batch_size=per_worker, batch_format="numpy", drop_last=True,
+        local_shuffle_buffer_size=8 * per_worker, local_shuffle_seed=seed + 1000 * epoch + rank,
+    )
+
+
 def count_with_features(targets: pa.Table, feature_ids: pa.Array) -> int:
     return int(pc.sum(pc.is_in(targets.column("image_id"), value_set=feature_ids)).as_py() or 0)

@@ -22,6 +22,7 @@ from tagray.config import from_dict
 from tagray.data import storage
 from tagray.heads.embedding import EmbedConfig, embed_step, make_optimizer, make_scheduler, new_mlp
 from tagray.heads.samplers import make_sampler
+from tagray.train.data import epoch_batches
 from tagray.train.shards import ShardedWordTable
 
 STATE_FILE = "state.pt"
@@ -108,10 +109,7 @@ def embed_train_loop(config: dict) -> None:
         sampler.new_epoch(rng)
         mlp.train()
         losses = []
-        for batch in shard.iter_batches(
-            batch_size=per_worker, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=8 * per_worker, local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
-        ):
+        for batch in epoch_batches(shard, per_worker, cfg.seed, epoch, rank):
             x = torch.from_numpy(batch["feature"]).to(device)
             losses.append(embed_step(forward, opt, x, batch["tag_ids"], table, cfg, sampler, rng, words, world))
             schedule.step()

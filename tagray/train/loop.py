@@ -19,7 +19,7 @@ import torch
 from tagray.config import from_dict
 from tagray.heads.fit import HeadConfig, make_optimizer, make_scheduler, new_model
 from tagray.heads.linear import LinearTagger, em_step
-from tagray.train.data import PAD
+from tagray.train.data import PAD, epoch_batches
 
 STATE_FILE = "state.pt"
 
@@ -81,10 +81,7 @@ def train_loop(config: dict) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         losses = []
-        for batch in shard.iter_batches(
-            batch_size=per_worker, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=8 * per_worker, local_shuffle_seed=cfg.seed + 1000 * epoch + rank,
-        ):
+        for batch in epoch_batches(shard, per_worker, cfg.seed, epoch, rank):
             x = torch.from_numpy(batch["feature"]).to(device)
             y = multi_hot(batch["tag_ids"], tags).to(device)
             result = em_step(model, opt, x, y, reduce, n_total=per_worker * world, forward=ddp)
