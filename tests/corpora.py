@@ -19,10 +19,10 @@ from tagray.heads.targets import build_targets
 from tagray.train.run import prepare_vocabulary
 
 
-def split_corpus(out: Path, images: int, seed: int, feature_dim: int) -> dict:
-    """`synth --features-only` under out/corpus and its manifest split by user at
-    out/manifest.parquet: {"dir", "manifest", "features", "truth"}."""
-    written = synthesize(SynthConfig(images=images, seed=seed, feature_dim=feature_dim), str(out / "corpus"),
+def split_corpus(out: Path, images: int, seed: int, feature_dim: int, **synth) -> dict:
+    """`synth --features-only` under out/corpus (other SynthConfig fields in `synth`) and its
+    manifest split by user at out/manifest.parquet: {"dir", "manifest", "features", "truth"}."""
+    written = synthesize(SynthConfig(images=images, seed=seed, feature_dim=feature_dim, **synth), str(out / "corpus"),
                          features_only=True)
     manifest = str(out / "manifest.parquet")
     write_manifest(assign_splits(read_manifest(written["manifest"]), SplitConfig(seed=0)), manifest)

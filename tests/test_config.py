@@ -20,7 +20,9 @@ CONFIG_CLASSES = {
     "configs/featurize.yaml": FeaturizeConfig,
 }
 # `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
-TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml")
+TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml", "configs/neighbors.yaml", "configs/refine.yaml")
+# `tagray tune` sweeps: TuneConfig.
+TUNE_CONFIGS = ("tune_configs/neighbors.yaml", "tune_configs/refine.yaml")
 # Ray Serve configs: applications[0].args are ServeConfig fields; deployments name ours.
 SERVE_CONFIGS = ("serve_configs/tagray.yaml",)
 # Cluster definitions (Ray cluster launcher, KubeRay): checked in tests/test_cluster.py.
@@ -30,7 +32,7 @@ CLUSTER_CONFIGS = ("clusters/aws-gpu.yaml", "clusters/local.yaml", "clusters/ray
 def test_every_config_file_is_known_and_loads():
     found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
              for p in (REPO / d).glob("*.yaml")}
-    known = set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | set(CLUSTER_CONFIGS)
+    known = set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | set(CLUSTER_CONFIGS) | set(TUNE_CONFIGS)
     assert found == known | {"configs/non_image_tags.yaml"}
     from tagray.commands.train import load_settings
 
@@ -38,6 +40,11 @@ def test_every_config_file_is_known_and_loads():
         head, run = load_settings(str(REPO / rel), {})
         assert head.head == Path(rel).stem and run.workers >= 1
         assert (REPO / rel).read_text().startswith("#")
+    from tagray.tune.space import TuneConfig
+
+    for rel in TUNE_CONFIGS:
+        sweep = load_config(TuneConfig, REPO / rel)
+        assert sweep.head == Path(rel).stem and len(sweep.param_space()) >= 3
     for rel, cls in CONFIG_CLASSES.items():
         text = (REPO / rel).read_text()
         assert text.startswith("#"), f"{rel} should start with a comment naming its command"
@@ -92,3 +99,24 @@ def test_serve_config_args_are_serve_config_fields():
         assert {d["name"] for d in app["deployments"]} <= {"Tagger", "Searcher", "Ingress"}
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(ServeConfig, {"model": "m", "batchsize": 3}, "args")
+
+
+def test_bad_sweeps_name_the_problem():
+    from tagray.tune.space import TuneConfig
+
+    with pytest.raises(ConfigError, match="'lambda9' is not a setting of the refine head"):
+        TuneConfig(head="refine", search_space={"lambda9": {"grid": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"search_space.m must be one of \{grid\|choice"):
+        TuneConfig(head="neighbors", search_space={"m": [2, 3]})
+    with pytest.raises(ConfigError, match="loguniform needs low > 0"):
+        TuneConfig(head="refine", search_space={"lambda1": {"loguniform": [0, 1]}})
+    with pytest.raises(ConfigError, match="search_space is empty"):
+        TuneConfig(head="neighbors")
+
+
+def test_float_fields_accept_exponent_notation():
+    from tagray.heads.neighborhood import NeighborsConfig
+
+    assert load_config(NeighborsConfig, overrides=parse_overrides(["lr=1e-3"])).lr == 0.001
+    with pytest.raises(ConfigError, match="lr: expected a number, got 'fast'"):
+        load_config(NeighborsConfig, overrides={"lr": "fast"})

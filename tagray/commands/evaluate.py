@@ -67,6 +67,19 @@ def run_evaluation(
 @command("evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tagray.heads.artifact import head_kind
+
+    if head_kind(args.model, args.endpoint_url) == "neighbors":  # needs the manifest's metadata, not only features
+        from tagray.eval.neighbors_report import summary_lines as neighbor_lines
+        from tagray.train.neighbors_run import evaluate_saved
+
+        report = evaluate_saved(args.model, args.manifest, args.features, args.split, not args.no_baselines,
+                                args.endpoint_url)
+        storage.makedirs(args.out.rsplit("/", 1)[0] if "/" in args.out else ".", args.endpoint_url)
+        storage.write_text(args.out, json.dumps(report, indent=1), args.endpoint_url)
+        print("\n".join(neighbor_lines(report)))
+        print(f"report → {args.out}")
+        return 0
     inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
     report = run_evaluation(inputs, args.model, args.split, args.out, not args.no_baselines, args.endpoint_url)
     print("\n".join(summary_lines(report)))

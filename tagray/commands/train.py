@@ -1,6 +1,7 @@
-"""`tagray train`: a LR or robust-LR tagging head (seed 001 §4) or the word-embedding head
-(seed 004, word vectors in an embedding shard server) on Ray Train, data-parallel,
-checkpointed, resumable; writes a model directory (see README: model directory)."""
+"""`tagray train`: a LR or robust-LR tagging head (seed 001 §4), the word-embedding head
+(seed 004, word vectors in an embedding shard server), the metadata-neighbourhood model
+(seed 003) or the weakly-supervised refinement network (seed 002) on Ray Train,
+data-parallel, checkpointed, resumable; writes a model directory (see README: model directory)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,16 @@ from tagray.train.run import TrainRunConfig, train_head
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray train", description=__doc__)
-    p.add_argument("--head", choices=("lr", "rlr", "embed"), default=None,
-                   help="lr, rlr or embed (default: the config's, else rlr)")
+    p.add_argument("--head", choices=("lr", "rlr", "embed", "neighbors", "refine"), default=None,
+                   help="lr, rlr, embed, neighbors or refine (default: the config's, else rlr)")
     p.add_argument("--manifest", required=True, help="manifest with a split column (Parquet, local or s3://)")
     p.add_argument("--features", required=True, help="features file or shard directory (from featurize or synth)")
     p.add_argument("--out", required=True, help="model directory; re-running resumes from its last checkpoint")
     p.add_argument("--config", default=None,
                    help="YAML of HeadConfig (or EmbedConfig) and TrainRunConfig fields (e.g. configs/rlr.yaml, configs/embed.yaml)")
     p.add_argument("--vectors", default=None, help="embed head: pretrained word vectors (GloVe/word2vec text), path or s3://")
+    p.add_argument("--metadata", choices=("tags", "sets", "groups"), default=None,
+                   help="neighbors head: the metadata whose Jaccard distance picks neighbours (default tags)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 1)")
     p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
@@ -33,9 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def head_config_class(head: str | None) -> type:
+    from tagray.heads.neighborhood import NeighborsConfig
+    from tagray.heads.refine import RefineConfig
+
+    return {"embed": EmbedConfig, "neighbors": NeighborsConfig, "refine": RefineConfig}.get(head or "", HeadConfig)
+
+
 def split_settings(data: dict, source: str) -> tuple[HeadConfig | EmbedConfig, TrainRunConfig]:
     """One flat dict of settings → the head's config (by `head`) and the Ray run's config."""
-    head_cls = EmbedConfig if data.get("head") == "embed" else HeadConfig
+    head_cls = head_config_class(data.get("head"))
     run_keys = {f.name for f in dataclasses.fields(TrainRunConfig)}
     head_keys = {f.name for f in dataclasses.fields(head_cls)}
     unknown = sorted(set(data) - run_keys - head_keys)
@@ -57,7 +67,7 @@ def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig | Emb
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = parse_overrides(args.overrides)
-    for flag in ("head", "workers", "gpu", "vectors"):
+    for flag in ("head", "workers", "gpu", "vectors", "metadata"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     head, run = load_settings(args.config, overrides)
@@ -67,7 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     from tagray.runtime import init_ray
 
     init_ray(args.ray_address)
-    if isinstance(head, EmbedConfig):
+    if head.head in ("neighbors", "refine"):
+        from tagray.train.neighbors_run import train_neighbors
+        from tagray.train.refine_run import train_refine
+
+        train = train_neighbors if head.head == "neighbors" else train_refine
+        metrics = train(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        print(f"trained {head.head} on {metrics['train_images']} images × {metrics['tags']} tags in {metrics['seconds']:.1f}s "
+              f"({run.workers} worker(s)); best validation mAP {metrics['best_val_map']:.4f} at epoch {metrics['best_epoch']}")
+    elif isinstance(head, EmbedConfig):
         from tagray.train.embed_run import train_embed
 
         metrics = train_embed(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)

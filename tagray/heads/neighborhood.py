@@ -1,0 +1,197 @@
+"""The metadata-neighbourhood model of seed 003 (§3, SPEC §3.4), plain PyTorch.
+
+An image x and a neighbourhood z = {z_1, …, z_m} (m of its M nearest images by Jaccard
+distance on metadata, tagray/data/jaccard.py) are scored by
+
+    v_x = ReLU(W_x φ(x) + b_x)                       (eq. 4)
+    v_z = max_i ReLU(W_z φ(z_i) + b_z)  (elementwise) (eq. 5)
+    f(x, z) = W_y [v_x; v_z] + b_y                   (eq. 6)
+
+trained with one-vs-all logistic loss on one sampled neighbourhood per step; at test time
+s(x) = mean of f over `test_samples` sampled neighbourhoods (eq. 1). Images with fewer than
+m neighbours use the ones they have; with none, v_z = 0 (the max over an empty set of ReLU
+outputs, which are ≥ 0).
+
+`neighbors_step` is the one training step, shared by the in-process trainer (`fit_neighbors`,
+used by Ray Tune trials) and the Ray Train loop (tagray/train/neighbors_loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from tagray.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+METADATA = ("tags", "sets", "groups")
+TARGETS = ("tags", "labels")
+
+
+@dataclass(frozen=True)
+class NeighborsConfig:
+    head: str = "neighbors"
+    metadata: str = "tags"  # tags | sets | groups: what the Jaccard distance compares (eq. 3)
+    tau: int = 5000  # tags only: the τ most frequent training tags define the sets (paper: 5000)
+    m: int = 3  # neighbourhood size (paper: 3)
+    max_rank: int = 6  # M: neighbourhoods are m-subsets of the M nearest (paper: 6)
+    target: str = "tags"  # tags: learn from user tags (weak); labels: from ground-truth labels (the paper)
+    hidden: int = 500  # h (paper: 500)
+    dropout: float = 0.5  # on v_x and v_z (paper: 0.5)
+    l2: float = 3e-3  # L2 on W_x, W_z, W_y (paper: 3e-3)
+    lr: float = 1e-4  # RMSProp (paper: 1e-4, fixed)
+    batch_size: int = 50  # over all workers (paper: 50)
+    epochs: int = 10  # (paper: 10, keeping the best epoch on validation)
+    test_samples: int = 10  # neighbourhoods averaged at test time (paper: 10)
+    seed: int = 0
+    checkpoint_every: int = 500  # Ray Train: steps between checkpoints (and every epoch)
+    normalizer: str = "normalize.yaml"  # tag normaliser settings (path, or name in configs/)
+
+    def __post_init__(self) -> None:
+        if self.head != "neighbors":
+            raise ConfigError(f"NeighborsConfig is the neighbors head, got head={self.head!r}")
+        if self.metadata not in METADATA:
+            raise ConfigError(f"metadata must be one of {', '.join(METADATA)}, got {self.metadata!r}")
+        if self.target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if not 1 <= self.m <= self.max_rank:
+            raise ConfigError(f"need 1 ≤ m ≤ max_rank (M), got m={self.m}, max_rank={self.max_rank}")
+        if min(self.tau, self.hidden, self.batch_size, self.epochs, self.test_samples, self.checkpoint_every) < 1:
+            raise ConfigError("tau, hidden, batch_size, epochs, test_samples and checkpoint_every must be ≥ 1")
+        if not 0 <= self.dropout < 1 or self.l2 < 0 or self.lr <= 0:
+            raise ConfigError(f"need 0 ≤ dropout < 1, l2 ≥ 0, lr > 0; got {self.dropout}, {self.l2}, {self.lr}")
+
+
+class NeighborhoodNet(nn.Module):
+    """f(x, z) of eq. 4–6 over a batch: x (B, D), z (B, m, D) with a validity mask (B, m)."""
+
+    def __init__(self, dim: int, labels: int, hidden: int = 500, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.dim, self.tags, self.hidden = dim, labels, hidden
+        self.image = nn.Linear(dim, hidden)  # W_x, b_x
+        self.neighbor = nn.Linear(dim, hidden)  # W_z, b_z
+        self.out = nn.Linear(2 * hidden, labels)  # W_y, b_y
+        self.drop = nn.Dropout(dropout)
+        for layer in (self.image, self.neighbor, self.out):  # He et al. initialisation (the paper's [21])
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, z_mask: torch.Tensor) -> torch.Tensor:
+        v_x = torch.relu(self.image(x))
+        v_zi = torch.relu(self.neighbor(z)).masked_fill(~z_mask.unsqueeze(-1), 0.0)
+        v_z = v_zi.amax(dim=1) if z.shape[1] else torch.zeros_like(v_x)
+        return self.out(torch.cat([self.drop(v_x), self.drop(v_z)], dim=1))
+
+    def weight_norm2(self) -> torch.Tensor:
+        """‖W_x‖² + ‖W_z‖² + ‖W_y‖² (biases are not regularised)."""
+        return sum(layer.weight.pow(2).sum() for layer in (self.image, self.neighbor, self.out))
+
+
+def sample_neighborhoods(neighbors: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """One uniformly drawn m-subset of each row's valid neighbours (−1 marks none): (B, M) → (B, m),
+    −1 where a row has fewer than m."""
+    keys = rng.random(neighbors.shape)
+    keys[neighbors < 0] = np.inf  # missing neighbours sort last
+    pick = np.argsort(keys, axis=1)[:, :m]
+    return np.take_along_axis(neighbors, pick, axis=1)
+
+
+def gather_neighborhood(x_all: torch.Tensor, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (B, m, D) and mask (B, m) of the chosen neighbour rows of `x_all`."""
+    mask = torch.from_numpy(chosen >= 0)
+    idx = torch.from_numpy(np.maximum(chosen, 0).astype(np.int64))
+    return x_all[idx], mask
+
+
+def neighbors_loss(logits: torch.Tensor, y: torch.Tensor, model: NeighborhoodNet, l2: float) -> torch.Tensor:
+    """Sum over labels of the one-vs-all logistic loss, mean over images, + l2 · Σ‖W‖²."""
+    data = nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1).mean()
+    return data + l2 * model.weight_norm2()
+
+
+def make_optimizer(model: nn.Module, cfg: NeighborsConfig) -> torch.optim.Optimizer:
+    return torch.optim.RMSprop(model.parameters(), lr=cfg.lr)
+
+
+def neighbors_step(
+    model: NeighborhoodNet, forward: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, z: torch.Tensor,
+    z_mask: torch.Tensor, y: torch.Tensor, l2: float,
+) -> float:
+    """One RMSProp step on a batch; `forward` is the model or its DDP wrapper."""
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = neighbors_loss(forward(x, z, z_mask), y, model, l2)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.inference_mode()
+def neighborhood_scores(
+    model: NeighborhoodNet, x: torch.Tensor, neighbors: np.ndarray, m: int, samples: int, seed: int = 0,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """s(x) = mean over `samples` sampled neighbourhoods of f(x, z) (eq. 1): (N, labels) scores.
+    `neighbors` index rows of `x` (neighbours come from the same split)."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    out = torch.zeros(len(x), model.tags)
+    for _ in range(samples):
+        chosen = sample_neighborhoods(neighbors, m, rng)
+        for lo in range(0, len(x), batch_size):
+            z, mask = gather_neighborhood(x, chosen[lo : lo + batch_size])
+            out[lo : lo + batch_size] += model(x[lo : lo + batch_size], z, mask)
+    return out / samples
+
+
+EpochCallback = Callable[[int, dict, nn.Module, Callable[[], dict]], "bool | None"]
+
+
+def fit_neighbors(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    neighbors: np.ndarray,
+    cfg: NeighborsConfig,
+    on_epoch: EpochCallback | None = None,
+    state: dict | None = None,
+) -> NeighborhoodNet:
+    """Trains in one process on features (N, D), multi-hot targets (N, T) and neighbours (N, M)
+    into x's rows. After each epoch `on_epoch(epoch, {"loss"}, model, state)` runs (`state()` is
+    what `state=` resumes from; returning True stops early). Epoch e's data order and
+    neighbourhoods depend only on (seed, e), so a resumed run repeats an uninterrupted one."""
+    if len(x) == 0:
+        raise ValueError("no training images")
+    torch.manual_seed(cfg.seed)
+    model = NeighborhoodNet(x.shape[1], y.shape[1], cfg.hidden, cfg.dropout)
+    opt = make_optimizer(model, cfg)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+    batch = min(cfg.batch_size, len(x))
+    for epoch in range(start, cfg.epochs):
+        rng = np.random.default_rng([cfg.seed, epoch])
+        order = rng.permutation(len(x))
+        losses = []
+        for lo in range(0, len(x) - batch + 1, batch):
+            idx = order[lo : lo + batch]
+            z, mask = gather_neighborhood(x, sample_neighborhoods(neighbors[idx], cfg.m, rng))
+            losses.append(neighbors_step(model, model, opt, x[idx], z, mask, y[idx], cfg.l2))
+        loss = float(np.mean(losses))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at epoch {epoch}: lower lr")
+
+        def snapshot(epoch: int = epoch) -> dict:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
+
+        if on_epoch is not None and on_epoch(epoch, {"loss": loss}, model, snapshot):
+            break
+    return model

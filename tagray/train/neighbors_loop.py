@@ -1,0 +1,104 @@
+"""The per-worker loop of `tagray train --head neighbors` (Ray Train, data-parallel, seed 003).
+
+The train and validation splits' arrays (features, target ids, metadata neighbours) are in
+the object store; every worker reads them zero-copy. Each epoch is a seeded permutation of
+the training images dealt out by rank; a step samples one m-subset neighbourhood per image
+and runs `neighbors_step` (DDP averages the gradients). After every epoch rank 0 scores the
+validation split (mean over `test_samples` neighbourhoods, eq. 1), reports its mAP and
+checkpoints, keeping the best epoch's weights (seed 003 §3.4: "keeping the model snapshot that
+performs the best on the validation set"). A restarted run continues after the last epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from tagray.config import from_dict
+from tagray.eval.metrics import mean_average_precision
+from tagray.heads.neighborhood import (
+    NeighborhoodNet,
+    NeighborsConfig,
+    gather_neighborhood,
+    make_optimizer,
+    neighborhood_scores,
+    neighbors_step,
+    sample_neighborhoods,
+)
+from tagray.train.loop import multi_hot
+
+STATE_FILE = "state.pt"
+
+
+def load_state(directory: str) -> dict:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig) -> float:
+    """mAP per label on the validation split: the truth columns `val["truth"]` of its `val["rows"]`."""
+    scores = neighborhood_scores(model, torch.from_numpy(val["x"]), val["neighbors"], cfg.m, cfg.test_samples, cfg.seed)
+    return mean_average_precision(scores.numpy()[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
+
+
+def neighbors_train_loop(config: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(NeighborsConfig, config["head"], "head config")
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    torch.set_num_threads(config.get("torch_threads", 1))
+    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
+    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        x_all = torch.from_numpy(train["x"])
+    tags, n = config["tags"], len(train["x"])
+    torch.manual_seed(cfg.seed)
+    model = NeighborhoodNet(x_all.shape[1], tags, cfg.hidden, cfg.dropout)
+    opt = make_optimizer(model, cfg)
+    start_epoch, history, best = 0, [], {"map": -1.0, "epoch": 0, "model": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history, best = state["epoch"], list(state["history"]), state["best"]
+        if rank == 0:
+            print(f"[neighbors] resuming after epoch {start_epoch}", flush=True)
+    forward = ray.train.torch.prepare_model(model) if world > 1 else model
+    per_worker = max(1, cfg.batch_size // world)
+    steps = max(1, n // (per_worker * world))
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        mine = np.random.default_rng([cfg.seed, epoch]).permutation(n)[rank::world]
+        losses = []
+        for step in range(steps):
+            idx = mine[step * per_worker : (step + 1) * per_worker]
+            z, mask = gather_neighborhood(x_all, sample_neighborhoods(train["neighbors"][idx], cfg.m, rng))
+            y = multi_hot(train["target_ids"][idx], tags)
+            losses.append(neighbors_step(model, forward, opt, x_all[idx], z, mask, y, cfg.l2))
+        metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - t0}
+        if rank == 0:
+            metrics["val_map"] = validation_map(model, val, cfg)
+            if metrics["val_map"] > best["map"]:
+                best = {"map": metrics["val_map"], "epoch": epoch + 1,
+                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            metrics["best_val_map"] = best["map"]
+            print(f"[neighbors] epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
+                  f"val mAP {metrics['val_map']:.4f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
+        history.append(metrics)
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                            "history": history, "best": best}, os.path.join(d, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)

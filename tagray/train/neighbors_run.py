@@ -1,0 +1,123 @@
+"""`tagray train --head neighbors` (seed 003): metadata neighbourhoods per split, the Ray Train
+loop, the best epoch on validation saved as a model directory, and the test split's report
+with the paper's baselines (report.json, Table 2's columns).
+
+Checkpoints live in MODEL/_ray/<run name>; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import torch
+
+from tagray.config import to_dict
+from tagray.data import schema, storage
+from tagray.data.normalize import TagNormalizer
+from tagray.eval.neighbors_report import neighbors_report, summary_lines
+from tagray.features import store
+from tagray.heads.neighborhood import NeighborhoodNet, NeighborsConfig, neighborhood_scores
+from tagray.heads.net_artifact import SavedNetHead, save_net_head
+from tagray.train.neighbors_loop import load_state, neighbors_train_loop
+from tagray.train.run import TrainRunConfig, plot_epochs, ray_storage, run_name, scaling
+from tagray.train.split_arrays import SplitArrays, SplitsData, metadata_lists, metadata_neighbors
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "neighbors"
+REPORT_FILE = "report.json"
+
+
+class NeighborsData(SplitsData):
+    """The three splits' arrays and their metadata neighbours (seed 003 §3.1)."""
+
+    def __init__(self, manifest_uri: str, features_uri: str, cfg: NeighborsConfig, normalizer: TagNormalizer,
+                 endpoint_url: str | None = None, vocab=None) -> None:
+        super().__init__(manifest_uri, features_uri, normalizer, endpoint_url, vocab=vocab)
+        if cfg.target == "labels" and not self.parts["train"].labelled.any():
+            raise schema.SchemaError(f"{manifest_uri}: target=labels but no training image carries labels (use target=tags)")
+        lists = metadata_lists(self.manifest, cfg.metadata, normalizer)
+        self.neighbors = metadata_neighbors(lists, self.manifest.column("split"), list(self.parts.values()),
+                                            cfg.metadata, cfg.tau, cfg.max_rank)
+
+    def shared(self, split: str, target: str) -> dict:
+        """What the loop reads of a split: x and neighbours, with target ids (train) or truth (val)."""
+        part = self.parts[split]
+        extra = {"target_ids": part.targets(target), "x": part.x} if split == "train" else self.validation(split)
+        return {**extra, "neighbors": self.neighbors[split]}
+
+
+def train_neighbors(
+    manifest_uri: str, features_uri: str, out: str, cfg: NeighborsConfig, run: TrainRunConfig,
+    normalizer: TagNormalizer, endpoint_url: str | None = None,
+) -> dict:
+    """Trains the neighbourhood model; returns the metrics also saved in `out` (with report.json)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    data = NeighborsData(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
+    train: SplitArrays = data.parts["train"]
+    if len(train) < cfg.batch_size:
+        raise schema.SchemaError(f"only {len(train)} training images have features; need at least batch_size={cfg.batch_size}")
+    print(f"[train] neighbors head: {len(train)} training images, {data.tags} tags, neighbourhoods by {cfg.metadata} "
+          f"(m={cfg.m} of M={cfg.max_rank}), {run.workers} worker(s)", flush=True)
+    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "test_samples"), data.vocab.version,
+                    store.comparable(data.identity), run.workers)
+    fs, base = ray_storage(out, endpoint_url)
+    trainer = TorchTrainer(
+        neighbors_train_loop,
+        train_loop_config={"head": to_dict(cfg), "tags": data.tags, "torch_threads": run.torch_threads,
+                           "train_ref": ray.put(data.shared("train", cfg.target)), "val_ref": ray.put(data.shared("val", cfg.target))},
+        scaling_config=scaling(run),
+        run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    model = NeighborhoodNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
+    model.load_state_dict(state["best"]["model"] or state["model"])
+    model.eval()
+    history = state["history"]
+    metrics = {"head": "neighbors", "train_images": len(train), "tags": data.tags, "workers": run.workers,
+               "best_epoch": state["best"]["epoch"], "best_val_map": state["best"]["map"],
+               "final_loss": history[-1]["loss"] if history else None, "history": history,
+               "neighbors_found": {s: float((nn >= 0).sum(1).mean()) for s, nn in data.neighbors.items()},
+               "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
+    save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
+    plot_epochs(history, out, f"neighbourhood model ({cfg.metadata})")
+    report = evaluate_neighbors(model, data, cfg, "test")
+    storage.write_text(storage.join(out, REPORT_FILE), json.dumps(report, indent=1), endpoint_url)
+    print("\n".join(summary_lines(report)), flush=True)
+    return metrics
+
+
+def evaluate_neighbors(model: NeighborhoodNet, data: NeighborsData, cfg: NeighborsConfig, split: str,
+                       with_baselines: bool = True) -> dict:
+    """Seed 003 Table 2 on `split` for the model and the paper's baselines."""
+    part = data.parts[split]
+    scores = neighborhood_scores(model, torch.from_numpy(part.x), data.neighbors[split], cfg.m, cfg.test_samples, cfg.seed)
+    return neighbors_report(scores.numpy(), part, data.neighbors[split], data.parts["train"], cfg.target, data.tags,
+                            with_baselines)
+
+
+def evaluate_saved(model_dir: str, manifest_uri: str, features_uri: str, split: str, with_baselines: bool = True,
+                   endpoint_url: str | None = None) -> dict:
+    """`tagray evaluate` of a saved neighbourhood model: its normaliser and vocabulary, neighbours
+    recomputed within each split of this manifest, Table 2 with the baselines."""
+    from tagray.heads.models import load_model
+
+    head = load_model(model_dir, endpoint_url)
+    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
+    data = NeighborsData(manifest_uri, features_uri, head.config, normalizer, endpoint_url, vocab=head.vocab)
+    if head.backbone is not None and store.comparable(data.identity) != store.comparable(head.backbone):
+        raise schema.SchemaError(f"{features_uri}: features of another backbone than {model_dir} was trained on")
+    report = evaluate_neighbors(head.model, data, head.config, split, with_baselines)
+    report.update({"model_dir": model_dir, "head": "neighbors"})
+    return report

@@ -1,0 +1,106 @@
+"""`tagray train --head refine` (seed 002): the tag similarity ξ, the Ray Train loop
+(ϕ0, candidates, Algorithm 1 epochs), the best epoch on validation saved as a model
+directory, and the report of refinement (training images) and annotation (test images)
+with the paper's baselines (report.json).
+
+Checkpoints live in MODEL/_ray/<run name>; re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tagray.config import to_dict
+from tagray.data import schema, storage
+from tagray.data.normalize import TagNormalizer
+from tagray.data.tag_similarity import (
+    cooccurrence,
+    google_distance,
+    tag_similarity,
+    wordnet_distance,
+)
+from tagray.eval.refine_report import refine_report, summary_lines
+from tagray.features import store
+from tagray.heads.net_artifact import SavedNetHead, save_net_head
+from tagray.heads.refine import RefineConfig, RefineNet, refine_scores
+from tagray.train.refine_loop import load_state, refine_train_loop
+from tagray.train.run import TrainRunConfig, plot_epochs, ray_storage, run_name, scaling
+from tagray.train.split_arrays import SplitsData
+
+log = logging.getLogger(__name__)
+
+RUN_NAME = "refine"
+REPORT_FILE = "report.json"
+
+
+def tag_distance_parts(data: SplitsData) -> tuple[np.ndarray, np.ndarray]:
+    """(dist_ctx, dist_KB) over the vocabulary from the training images' user tags (eq. 3, WordNet)."""
+    train = data.parts["train"]
+    counts, co = cooccurrence(train.tag_ids, data.tags)
+    return google_distance(counts, co, len(train)), wordnet_distance(list(data.vocab.tags), counts)
+
+
+def train_refine(
+    manifest_uri: str, features_uri: str, out: str, cfg: RefineConfig, run: TrainRunConfig,
+    normalizer: TagNormalizer, endpoint_url: str | None = None, data: SplitsData | None = None,
+    distances: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict:
+    """Trains the refinement network; returns the metrics also saved in `out` (with report.json)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    data = data or SplitsData(manifest_uri, features_uri, normalizer, endpoint_url)
+    train = data.parts["train"]
+    if len(train) < cfg.batch_size:
+        raise schema.SchemaError(f"only {len(train)} training images have features; need at least batch_size={cfg.batch_size}")
+    ctx, kb = distances or tag_distance_parts(data)
+    xi = tag_similarity(ctx, kb, cfg.alpha).astype(np.float32)
+    print(f"[train] refine head: {len(train)} training images, {data.tags} tags, ξ with α={cfg.alpha} "
+          f"({100 * (xi > 0).mean():.0f}% of tag pairs related), {run.workers} worker(s)", flush=True)
+    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every"), data.vocab.version, store.comparable(data.identity),
+                    run.workers)
+    fs, base = ray_storage(out, endpoint_url)
+    trainer = TorchTrainer(
+        refine_train_loop,
+        train_loop_config={"head": to_dict(cfg), "tags": data.tags, "torch_threads": run.torch_threads,
+                           "train_ref": ray.put({"x": train.x, "tag_ids": train.tag_ids, "xi": xi}),
+                           "val_ref": ray.put(data.validation("val"))},
+        scaling_config=scaling(run),
+        run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    model, phi0 = (RefineNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout) for _ in range(2))
+    model.load_state_dict(state["best"]["model"] or state["model"])
+    phi0.load_state_dict(state["phi0"])
+    history = state["history"]
+    metrics = {"head": "refine", "train_images": len(train), "tags": data.tags, "workers": run.workers,
+               "best_epoch": state["best"]["epoch"], "best_val_map": state["best"]["map"],
+               "phi0_val_map": history[0].get("val_map") if history else None,
+               "final_loss": history[-1]["loss"] if history else None, "history": history,
+               "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
+    save_net_head(SavedNetHead(model.eval(), data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
+    plot_epochs(history, out, "refinement (epoch 0 = ϕ0)")
+    report = evaluate_refine(model, phi0, data)
+    storage.write_text(storage.join(out, REPORT_FILE), json.dumps(report, indent=1), endpoint_url)
+    print("\n".join(summary_lines(report)), flush=True)
+    return metrics
+
+
+def evaluate_refine(model: RefineNet, phi0: RefineNet | None, data: SplitsData, with_baselines: bool = True) -> dict:
+    """Refinement (train split) and annotation (test split) for the model, ϕ0 and the baselines."""
+    models = {"model": model, **({"multi_cnn": phi0} if phi0 is not None else {})}
+    scores = {name: {s: refine_scores(m, torch.from_numpy(data.parts[s].x)).numpy() for s in ("train", "test")}
+              for name, m in models.items()}
+    return refine_report(scores, data.parts["train"], data.parts["test"], data.tags, with_baselines=with_baselines)

@@ -1,0 +1,292 @@
+"""`tagray tune`: a Ray Tune sweep over a neighbourhood head's settings (SPEC §4).
+
+The driver reads the splits once (features, targets, metadata lists; for refine also the tag
+distances dist_ctx and dist_KB, which do not depend on α) and hands them to every trial
+through the object store (`tune.with_parameters`). A trial trains one configuration in its
+own process with the in-process trainer (`fit_neighbors` / `fit_refine`: the same steps Ray
+Train runs), reports validation mAP per label every epoch with a checkpoint, and ASHA stops
+the weak ones early. Trials run concurrently, as many as the cluster's CPUs (and GPUs) hold.
+
+Outputs under OUT: results.csv (one row per trial: its settings, best validation mAP, epochs
+run), mAP against each swept setting (sweep.png), best_model/ (a model directory that
+`tagray evaluate` and, for refine, `tagray serve` load; report.json beside it), and _ray/ (Tune's
+experiment: re-running the same command resumes an interrupted sweep).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from tagray.config import from_dict, to_dict
+from tagray.data import storage
+from tagray.data.normalize import TagNormalizer
+from tagray.train.run import ray_storage
+from tagray.train.split_arrays import SplitsData, metadata_lists, metadata_neighbors
+from tagray.tune.space import TuneConfig, head_config_class
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+RESULTS_FILE = "results.csv"
+
+
+class SweepData(SplitsData):
+    """SplitsData plus what trials of one head need and the driver computes once."""
+
+    def __init__(self, manifest_uri: str, features_uri: str, sweep: TuneConfig, normalizer: TagNormalizer,
+                 endpoint_url: str | None = None) -> None:
+        super().__init__(manifest_uri, features_uri, normalizer, endpoint_url)
+        self.head = sweep.head
+        self.lists, self.distances = {}, None
+        if sweep.head == "neighbors":
+            spec = sweep.search_space.get("metadata", {})
+            kinds = next(iter(spec.values())) if spec else [sweep.fixed.get("metadata", "tags")]
+            self.lists = {k: metadata_lists(self.manifest, k, normalizer) for k in kinds}
+        else:
+            from tagray.train.refine_run import tag_distance_parts
+
+            self.distances = tag_distance_parts(self)
+        self.manifest = self.manifest.select(["image_id", "split"])  # trials need only the split column
+
+
+def _save(d: str, state: dict, val_map: float) -> None:
+    torch.save({**state, "val_map": val_map}, os.path.join(d, STATE_FILE))
+
+
+def neighbors_trial(config: dict, data: SweepData) -> None:
+    """One seed 003 configuration: neighbours for its (metadata, τ, M), then `fit_neighbors`."""
+    from ray import tune
+
+    from tagray.heads.neighborhood import NeighborsConfig, fit_neighbors
+    from tagray.train.loop import multi_hot
+    from tagray.train.neighbors_loop import validation_map
+
+    torch.set_num_threads(1)
+    cfg = from_dict(NeighborsConfig, config, "trial")
+    parts = [data.parts["train"], data.parts["val"]]
+    nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
+                            cfg.max_rank, progress=False)
+    train = data.parts["train"]
+    val = {**data.validation("val"), "neighbors": nn["val"]}
+    state = _restore()
+
+    def on_epoch(epoch: int, metrics: dict, model, snapshot) -> None:
+        val_map = validation_map(model, val, cfg)
+        with tempfile.TemporaryDirectory() as d:
+            _save(d, snapshot(), val_map)
+            tune.report({"epoch": epoch + 1, "val_map": val_map, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fit_neighbors(torch.from_numpy(train.x), multi_hot(train.targets(cfg.target), data.tags), nn["train"], cfg,
+                  on_epoch, state)
+
+
+def refine_trial(config: dict, data: SweepData) -> None:
+    """One seed 002 configuration: ξ for its α, then `fit_refine` (epoch 0 reports ϕ0)."""
+    from ray import tune
+
+    from tagray.data.tag_similarity import tag_similarity
+    from tagray.heads.refine import RefineConfig, fit_refine
+    from tagray.train.loop import multi_hot
+    from tagray.train.refine_loop import validation_map
+
+    torch.set_num_threads(1)
+    cfg = from_dict(RefineConfig, config, "trial")
+    xi = torch.from_numpy(tag_similarity(*data.distances, cfg.alpha)).float()
+    train, val = data.parts["train"], data.validation("val")
+    state = _restore()
+
+    def on_epoch(epoch: int, metrics: dict, model, snapshot) -> None:
+        val_map = validation_map(model, val)
+        with tempfile.TemporaryDirectory() as d:
+            _save(d, snapshot(), val_map)
+            tune.report({"epoch": epoch, "val_map": val_map, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fit_refine(torch.from_numpy(train.x), multi_hot(train.tag_ids, data.tags), xi, cfg, on_epoch, state)
+
+
+def _restore() -> dict | None:
+    """The trial's last checkpoint (a resumed sweep), or None."""
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    state.pop("val_map", None)
+    return state
+
+
+def concurrency(sweep: TuneConfig) -> int:
+    """Trials at once: the configured number, else what the cluster's CPUs (and GPUs) hold."""
+    import ray
+
+    if sweep.max_concurrent:
+        return sweep.max_concurrent
+    resources = ray.cluster_resources()
+    n = int(resources.get("CPU", 1) // sweep.trial_cpus)
+    if sweep.trial_gpus:
+        n = min(n, int(resources.get("GPU", 0) // sweep.trial_gpus))
+    return max(1, n)
+
+
+def experiment_name(sweep: TuneConfig, data: SweepData) -> str:
+    """One Tune experiment per (sweep settings, data): re-running resumes it."""
+    from tagray.features import store
+
+    key = json.dumps([to_dict(sweep), data.vocab.version, store.comparable(data.identity)], sort_keys=True, default=str)
+    return f"tune-{sweep.head}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig, normalizer: TagNormalizer,
+              endpoint_url: str | None = None) -> dict:
+    """Runs (or resumes) the sweep, writes the results table, the plot and the best model."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    t0 = time.perf_counter()
+    data = SweepData(manifest_uri, features_uri, sweep, normalizer, endpoint_url)
+    trial_fn = neighbors_trial if sweep.head == "neighbors" else refine_trial
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, data=data),
+                                    {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus})
+    fs, base = ray_storage(out, endpoint_url)
+    name = experiment_name(sweep, data)
+    path = f"{base.rstrip('/')}/{name}"
+    concurrent = concurrency(sweep)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[tune] resuming the sweep in {path}", flush=True)
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    else:
+        epochs = sweep.epochs() + (1 if sweep.head == "refine" else 0)  # refine reports ϕ0 as an epoch
+        tuner = tune.Tuner(
+            trainable,
+            param_space=sweep.param_space(),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode="max", num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=sweep.grace_period,
+                                        reduction_factor=sweep.reduction_factor),
+                search_alg=_seeded_search(sweep),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+        )
+    print(f"[tune] {sweep.head} sweep: {concurrent} trial(s) at once; experiment → {path}", flush=True)
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    table = results_table(results, sweep)
+    storage.makedirs(out, endpoint_url)
+    storage.write_text(storage.join(out, RESULTS_FILE), table.to_csv(index=False), endpoint_url)
+    plot = plot_sweep(table, sweep, out)
+    best = results.get_best_result(metric=sweep.metric, mode="max", scope="all")
+    summary = {"head": sweep.head, "trials": len(table), "errored_trials": len(errors), "concurrent_trials": concurrent,
+               "best_val_map": float(table["best_val_map"].max()), "best_config": _settings(best.config, sweep),
+               "results": storage.join(out, RESULTS_FILE), "plot": plot, "experiment": path,
+               "seconds": time.perf_counter() - t0}
+    summary["best_model"] = export_best(best, data, sweep, storage.join(out, "best_model"), endpoint_url)
+    storage.write_text(storage.join(out, "sweep.json"), json.dumps(summary, indent=1, default=str), endpoint_url)
+    return summary
+
+
+def _seeded_search(sweep: TuneConfig):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.seed)
+
+
+def _settings(config: dict, sweep: TuneConfig) -> dict:
+    return {k: config[k] for k in sweep.search_space}
+
+
+def results_table(results, sweep: TuneConfig):
+    """One row per trial: swept settings, best and last validation mAP, epochs run, status."""
+    import pandas as pd
+
+    rows = []
+    for r in results:
+        history = r.metrics_dataframe
+        maps = history[sweep.metric].to_numpy() if history is not None and sweep.metric in history else np.array([])
+        rows.append({**_settings(r.config, sweep), "best_val_map": float(maps.max()) if len(maps) else math.nan,
+                     "last_val_map": float(maps[-1]) if len(maps) else math.nan, "epochs_run": int(len(maps)),
+                     "error": None if r.error is None else str(r.error).splitlines()[0][:200], "trial": r.path})
+    return pd.DataFrame(rows).sort_values("best_val_map", ascending=False, na_position="last")
+
+
+def plot_sweep(table, sweep: TuneConfig, out: str) -> str | None:
+    """Best validation mAP of each trial against each swept setting (one panel per setting)."""
+    if storage.is_remote(out) or table.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(sweep.search_space)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = table[key].to_numpy()
+        numeric = all(isinstance(v, (int, float)) for v in values)
+        x = values if numeric else [str(v) for v in values]
+        ax.scatter(x, table["best_val_map"], s=20)
+        if numeric and sweep.search_space[key].get("loguniform"):
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel="best validation mAP", title=f"{sweep.head}: {key}")
+    fig.tight_layout()
+    path = storage.join(out, "sweep.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def export_best(best, data: SweepData, sweep: TuneConfig, out: str, endpoint_url: str | None) -> str:
+    """The best trial's best epoch as a model directory (with its report.json)."""
+    from tagray.heads.net_artifact import SavedNetHead, save_net_head
+
+    checkpoint = best.get_best_checkpoint(sweep.metric, "max") or best.checkpoint
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    cfg = from_dict(head_config_class(sweep.head), best.config, "best trial")
+    train = data.parts["train"]
+    if sweep.head == "neighbors":
+        from tagray.heads.neighborhood import NeighborhoodNet
+
+        model = NeighborhoodNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
+    else:
+        from tagray.heads.refine import RefineNet
+
+        model = RefineNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
+    model.load_state_dict(state["model"])
+    model.eval()
+    metrics = {"head": sweep.head, "train_images": len(train), "tags": data.tags, "best_val_map": float(state["val_map"]),
+               "best_epoch": int(state["epoch"]), "sweep_settings": _settings(best.config, sweep), "trial": best.path}
+    save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
+    report = _best_report(model, state, cfg, data, sweep)
+    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1), endpoint_url)
+    return out
+
+
+def _best_report(model, state: dict, cfg, data: SweepData, sweep: TuneConfig) -> dict:
+    if sweep.head == "neighbors":
+        from tagray.eval.neighbors_report import neighbors_report
+        from tagray.heads.neighborhood import neighborhood_scores
+
+        parts = list(data.parts.values())
+        nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
+                                cfg.max_rank, progress=False)
+        test = data.parts["test"]
+        scores = neighborhood_scores(model, torch.from_numpy(test.x), nn["test"], cfg.m, cfg.test_samples, cfg.seed)
+        return neighbors_report(scores.numpy(), test, nn["test"], data.parts["train"], cfg.target, data.tags)
+    from tagray.heads.refine import RefineNet
+    from tagray.train.refine_run import evaluate_refine
+
+    phi0 = RefineNet(model.dim, model.tags, cfg.hidden, cfg.dropout)
+    phi0.load_state_dict(state["phi0"])
+    return evaluate_refine(model, phi0, data)

@@ -1,0 +1,111 @@
+"""Seed 003's neighbourhood model against its equations (plain PyTorch, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tagray.config import ConfigError
+from tagray.heads.neighborhood import (
+    NeighborhoodNet,
+    NeighborsConfig,
+    fit_neighbors,
+    gather_neighborhood,
+    neighborhood_scores,
+    neighbors_loss,
+    sample_neighborhoods,
+)
+
+
+def hand_net() -> NeighborhoodNet:
+    net = NeighborhoodNet(dim=2, labels=1, hidden=2, dropout=0.0)
+    with torch.no_grad():
+        net.image.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        net.image.bias.copy_(torch.tensor([0.0, -1.0]))
+        net.neighbor.weight.copy_(torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+        net.neighbor.bias.zero_()
+        net.out.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+        net.out.bias.fill_(0.5)
+    return net
+
+
+def test_forward_is_eq_4_to_6_by_hand() -> None:
+    net = hand_net().eval()
+    x = torch.tensor([[2.0, 0.5]])
+    z = torch.tensor([[[1.0, -3.0], [-2.0, 1.0], [9.0, 9.0]]])
+    mask = torch.tensor([[True, True, False]])  # the third slot is not a neighbour: ignored
+    # v_x = ReLU([2, 0.5 − 1]) = [2, 0]
+    # z1: ReLU([1 − 3, −1]) = [0, 0];  z2: ReLU([−1, 2]) = [0, 2];  v_z = max = [0, 2]
+    # f = 1·2 + 2·0 + 3·0 + 4·2 + 0.5 = 10.5
+    assert net(x, z, mask).item() == pytest.approx(10.5)
+    # No neighbours at all: v_z = 0, f = 2 + 0.5
+    assert net(x, z, torch.zeros_like(mask)).item() == pytest.approx(2.5)
+
+
+def test_loss_is_logistic_sum_plus_l2() -> None:
+    net = hand_net()
+    logits = torch.tensor([[0.3, -1.2], [2.0, 0.1]])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    sig = torch.sigmoid(logits)
+    data = -(y * sig.log() + (1 - y) * (1 - sig).log()).sum(1).mean()
+    w2 = 2 + 3 + (1 + 4 + 9 + 16)  # ‖W_x‖² + ‖W_z‖² + ‖W_y‖² of hand_net; biases excluded
+    assert neighbors_loss(logits, y, net, 0.01).item() == pytest.approx(data.item() + 0.01 * w2, rel=1e-6)
+
+
+def test_sampled_neighbourhoods_are_uniform_subsets_of_the_valid_ones() -> None:
+    rng = np.random.default_rng(0)
+    nn = np.array([[5, 6, 7, 8, -1, -1], [3, -1, -1, -1, -1, -1]])
+    counts = np.zeros(9)
+    for _ in range(4000):
+        chosen = sample_neighborhoods(nn, 3, rng)
+        row = chosen[0]
+        assert len(set(row)) == 3 and set(row) <= {5, 6, 7, 8}
+        assert chosen[1].tolist() in ([3, -1, -1],)  # fewer than m: what there is, then −1
+        counts[row] += 1
+    np.testing.assert_allclose(counts[5:9] / 4000, 0.75, atol=0.03)  # each of 4 in a 3-subset: 3/4
+    x = torch.arange(10, dtype=torch.float32)[:, None].repeat(1, 2)
+    z, mask = gather_neighborhood(x, np.array([[3, -1]]))
+    assert z[0, 0].tolist() == [3.0, 3.0] and mask.tolist() == [[True, False]]
+
+
+def test_test_time_score_is_the_mean_over_sampled_neighbourhoods() -> None:
+    net = hand_net()
+    x = torch.tensor([[2.0, 0.5], [1.0, 1.0], [0.0, 3.0]])
+    nn = np.array([[1, 2], [0, 2], [0, 1]])
+    scores = neighborhood_scores(net, x, nn, m=1, samples=200, seed=0)
+    # Each neighbourhood is one of two images, so the exact mean is the average of the two f's.
+    ones = torch.ones(1, 1, dtype=torch.bool)
+    f = [[net.eval()(x[i : i + 1], x[j : j + 1, None], ones).item() for j in nn[i]] for i in range(3)]
+    exact = np.mean(f, 1)
+    np.testing.assert_allclose(scores[:, 0].numpy(), exact, atol=0.15 * np.abs(np.diff(f, axis=1)).max() + 1e-6)
+
+
+def test_neighbourhood_information_is_learned() -> None:
+    """Half the images are ambiguous (their informative feature is 0); their neighbours (clear
+    images of the same label) reveal the label. The model learns to use them: with neighbours the
+    ambiguous images are labelled right, with empty neighbourhoods they are a coin flip."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 1200, 8
+    label = (torch.rand(n, generator=g) < 0.5).float()
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] = 2 * label - 1
+    ambiguous = torch.arange(n) % 2 == 1
+    x[ambiguous, 0] = 0.0
+    rng = np.random.default_rng(0)
+    clear_of = [np.nonzero((label.numpy() == c) & ~ambiguous.numpy())[0] for c in (0, 1)]
+    nn = np.stack([rng.choice(clear_of[int(label[i])], 4, replace=False) for i in range(n)]).astype(np.int32)
+    cfg = NeighborsConfig(m=2, max_rank=4, hidden=16, dropout=0.0, lr=3e-3, epochs=8, batch_size=50, l2=0.0)
+    model = fit_neighbors(x, label[:, None], nn, cfg)
+    with_nn = neighborhood_scores(model, x, nn, m=2, samples=10)[ambiguous, 0]
+    without = neighborhood_scores(model, x, np.full_like(nn, -1), m=2, samples=1)[ambiguous, 0]
+    truth = label[ambiguous]
+    assert ((with_nn > 0).float() == truth).float().mean().item() > 0.95
+    assert ((without > 0).float() == truth).float().mean().item() < 0.7
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="m ≤ max_rank"):
+        NeighborsConfig(m=7, max_rank=6)
+    with pytest.raises(ConfigError, match="metadata must be one of"):
+        NeighborsConfig(metadata="friends")
