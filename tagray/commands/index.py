@@ -12,7 +12,7 @@ from tagray.commands.common import add_endpoint, command
 from tagray.data import schema
 from tagray.features import store
 from tagray.heads.embed_artifact import SavedEmbedHead
-from tagray.heads.models import load_model
+from tagray.heads.models import load_image_tagger
 from tagray.serve.index import (
     build_image_index,
     build_prediction_index,
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
-    head = load_model(args.model, args.endpoint_url)
+    head = load_image_tagger(args.model, args.endpoint_url)
     features, identity = store.read_features(args.features, args.endpoint_url)
     schema.validate_features(features.schema, args.features)
     if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):

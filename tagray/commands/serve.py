@@ -36,12 +36,12 @@ def check_deployable(args: dict) -> None:
     """The model loads and the index belongs to it — checked here, so a wrong path is one clear
     error instead of a deployment that fails inside Serve."""
     from tagray.config import from_dict
-    from tagray.heads.models import load_model
+    from tagray.heads.models import load_image_tagger
     from tagray.serve.index import check_index_matches, read_index_meta
     from tagray.serve.service import ServeConfig
 
     cfg = from_dict(ServeConfig, dict(args), "serve args")
-    head = load_model(cfg.model, cfg.endpoint_url)
+    head = load_image_tagger(cfg.model, cfg.endpoint_url)
     if cfg.index:
         check_index_matches(read_index_meta(cfg.index, cfg.endpoint_url), head, cfg.index)
 

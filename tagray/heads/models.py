@@ -20,3 +20,16 @@ def load_model(model_dir: str, endpoint_url: str | None = None) -> SavedHead | S
     kind = head_kind(model_dir, endpoint_url)
     load = load_embed_head if kind == "embed" else load_net_head if kind in NET_HEADS else load_head
     return load(model_dir, normalizer, endpoint_url)
+
+
+def load_image_tagger(model_dir: str, endpoint_url: str | None = None) -> SavedHead | SavedEmbedHead | SavedNetHead:
+    """A head that tags an image from its features alone (what serve and index need): every head
+    but the neighbourhood model, which also needs the image's metadata neighbours."""
+    head = load_model(model_dir, endpoint_url)
+    if head.config.head == "neighbors":
+        from tagray.data.schema import SchemaError
+
+        raise SchemaError(f"{model_dir}: a neighbors head scores an image together with its metadata neighbours, "
+                          "which a single request does not have; serve or index an image-only head "
+                          "(lr, rlr, embed, refine), and evaluate this one with `tagray evaluate`")
+    return head

@@ -97,11 +97,11 @@ class TaggingService:
     """Backbone + head of a model directory: decoded images → top-k tags with P(y) and P(z)."""
 
     def __init__(self, model_dir: str, cfg: ServeConfig) -> None:
-        from tagray.heads.models import load_model
+        from tagray.heads.models import load_image_tagger
 
         self.cfg = cfg
         self.model_dir = model_dir
-        self.head = load_model(model_dir, cfg.endpoint_url)
+        self.head = load_image_tagger(model_dir, cfg.endpoint_url)
         identity = self.head.backbone
         if not identity:
             raise ValueError(f"{model_dir}: no backbone identity (trained on features made outside `tagray featurize`)")
@@ -196,7 +196,7 @@ class SearchService:
     def __init__(self, model_dir: str, index_dir: str, cfg: ServeConfig, head=None) -> None:
         from tagray.data.normalize import TagNormalizer
         from tagray.heads.embed_artifact import SavedEmbedHead
-        from tagray.heads.models import load_model
+        from tagray.heads.models import load_image_tagger
         from tagray.serve.index import (
             WordIndex,
             check_index_matches,
@@ -205,7 +205,7 @@ class SearchService:
         )
 
         self.cfg = cfg
-        self.head = head if head is not None else load_model(model_dir, cfg.endpoint_url)
+        self.head = head if head is not None else load_image_tagger(model_dir, cfg.endpoint_url)
         check_index_matches(read_index_meta(index_dir, cfg.endpoint_url), self.head, index_dir)
         self.index = load_any_index(index_dir, cfg.endpoint_url)
         self._rows: dict[str, int] | None = None
