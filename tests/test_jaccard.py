@@ -57,6 +57,10 @@ def test_inverted_index_equals_brute_force(max_pairs: int) -> None:
     np.testing.assert_array_equal(dist, ref_dist)
     assert (nn != np.arange(600)[:, None]).all()
     assert (nn >= 0).mean() > 0.5  # the case is not vacuous
+    some = np.array([5, 17, 599])
+    sub_nn, sub_dist = jaccard_neighbors(a, m=6, max_pairs=max_pairs, queries=some)
+    np.testing.assert_array_equal(sub_nn, ref_nn[some])
+    np.testing.assert_array_equal(sub_dist, ref_dist[some])
 
 
 def test_bad_neighbour_count() -> None:

@@ -72,33 +72,35 @@ def _top_m(rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, n_rows: int, m: 
 
 
 def jaccard_neighbors(
-    a: sp.csr_matrix, m: int, max_pairs: int = 20_000_000, progress: bool = False
+    a: sp.csr_matrix, m: int, max_pairs: int = 20_000_000, progress: bool = False, queries: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The m nearest rows of every row of `a` among the rows of `a` by eq. 3, through the
-    inverted index. Returns (neighbours (N, m) int32, −1 where fewer share a value;
-    distances (N, m) float32)."""
+    """The m nearest rows of every row of `a` (or of the rows `queries`) among the rows of `a`
+    by eq. 3, through the inverted index. Returns (neighbours (Q, m) int32, −1 where fewer
+    share a value; distances (Q, m) float32)."""
     if m < 1:
         raise ValueError(f"the number of neighbours must be ≥ 1, got {m}")
     a = sp.csr_matrix(a, dtype=np.int32)
-    n = a.shape[0]
+    queries = np.arange(a.shape[0]) if queries is None else np.asarray(queries, dtype=np.int64)
+    q_rows = a[queries]
     sizes = np.asarray(a.sum(1)).ravel().astype(np.int64)
     postings = a.T.tocsr()  # the inverted index: value → images
-    # Candidate pairs each row will visit (with repeats), to size the chunks.
-    visits = a @ np.asarray(postings.sum(1)).ravel().astype(np.int64)
+    # Candidate pairs each query will visit (with repeats), to size the chunks.
+    visits = q_rows @ np.asarray(postings.sum(1)).ravel().astype(np.int64)
     bounds = _chunks(visits, max_pairs)
-    nn = np.full((n, m), NO_NEIGHBOR, dtype=np.int32)
-    dist = np.ones((n, m), dtype=np.float32)
+    nn = np.full((len(queries), m), NO_NEIGHBOR, dtype=np.int32)
+    dist = np.ones((len(queries), m), dtype=np.float32)
     chunks = zip(bounds[:-1], bounds[1:], strict=True)
     if progress:
         from tqdm import tqdm
 
         chunks = tqdm(list(chunks), desc="jaccard neighbours", unit="chunk")
     for lo, hi in chunks:
-        inter = (a[lo:hi] @ postings).tocoo()
+        inter = (q_rows[lo:hi] @ postings).tocoo()
         rows, cols, shared = inter.row, inter.col, inter.data.astype(np.float64)
-        not_self = cols != rows + lo
-        rows, cols, shared = rows[not_self], cols[not_self], shared[not_self]
-        sim = shared / (sizes[rows + lo] + sizes[cols] - shared)
+        query = queries[lo:hi][rows]
+        not_self = cols != query
+        rows, cols, shared, query = rows[not_self], cols[not_self], shared[not_self], query[not_self]
+        sim = shared / (sizes[query] + sizes[cols] - shared)
         nn[lo:hi], dist[lo:hi] = _top_m(rows, cols, sim, hi - lo, m)
     return nn, dist
 

@@ -171,16 +171,18 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
             trainable,
             param_space=sweep.param_space(),
             tune_config=tune.TuneConfig(
-                metric=sweep.metric, mode="max", num_samples=sweep.num_samples, max_concurrent_trials=concurrent,
+                metric=sweep.metric, mode="max", num_samples=sweep.num_samples,
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=sweep.grace_period,
                                         reduction_factor=sweep.reduction_factor),
-                search_alg=_seeded_search(sweep),
+                search_alg=_seeded_search(sweep, concurrent),
             ),
             run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
         )
     print(f"[tune] {sweep.head} sweep: {concurrent} trial(s) at once; experiment → {path}", flush=True)
+    t_fit = time.perf_counter()
     results = tuner.fit()
+    fit_seconds = time.perf_counter() - t_fit
     errors = [r for r in results if r.error is not None]
     table = results_table(results, sweep)
     storage.makedirs(out, endpoint_url)
@@ -190,16 +192,18 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
     summary = {"head": sweep.head, "trials": len(table), "errored_trials": len(errors), "concurrent_trials": concurrent,
                "best_val_map": float(table["best_val_map"].max()), "best_config": _settings(best.config, sweep),
                "results": storage.join(out, RESULTS_FILE), "plot": plot, "experiment": path,
-               "seconds": time.perf_counter() - t0}
+               "trials_seconds": fit_seconds, "seconds": time.perf_counter() - t0}
     summary["best_model"] = export_best(best, data, sweep, storage.join(out, "best_model"), endpoint_url)
     storage.write_text(storage.join(out, "sweep.json"), json.dumps(summary, indent=1, default=str), endpoint_url)
     return summary
 
 
-def _seeded_search(sweep: TuneConfig):
+def _seeded_search(sweep: TuneConfig, concurrent: int):
+    """Grid and random variants in a seeded order, at most `concurrent` trials at once (Tune's
+    max_concurrent_trials does not apply to a variant generator; its own max_concurrent does)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.seed)
+    return BasicVariantGenerator(max_concurrent=concurrent, random_state=sweep.seed)
 
 
 def _settings(config: dict, sweep: TuneConfig) -> dict:
