@@ -113,3 +113,34 @@ def test_a_neighbours_model_is_not_served_or_indexed(tmp_path, capsys):
     save_net_head(SavedNetHead(NeighborhoodNet(4, 2, hidden=3), vocab, NeighborsConfig(hidden=3), None, np.array([3, 2])), model)
     assert cli.main(["index", "--model", model, "--features", str(tmp_path / "f.parquet"), "--out", str(tmp_path / "x")]) == 2
     assert "a neighbors head scores an image together with its metadata neighbours" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(
+        "head: neighbors\n"
+        "fixed: {metadata: tags, epochs: 6, lr: 0.003, hidden: 128, dropout: 0.2, target: labels}\n"
+        "search_space:\n  m: {grid: [2, 3]}\n  max_rank: {grid: [4, 8]}\n"
+        "grace_period: 2\nreduction_factor: 2\ntrial_cpus: 1\n")
+    out = tmp_path / "sweep"
+    argv = ["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(out)]
+    assert cli.main(argv) == 0
+    summary = _json(out / "sweep.json")
+    assert summary["trials"] == 4 and summary["errored_trials"] == 0 and summary["concurrent_trials"] == 2
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("m,max_rank,best_val_map") and len(rows) == 5
+    assert summary["best_config"] in ({"m": m, "max_rank": r} for m in (2, 3) for r in (4, 8))
+    assert (out / "sweep.png").stat().st_size > 0
+    best = out / "best_model"
+    saved = _json(best / "metrics.json")
+    assert saved["best_val_map"] == pytest.approx(summary["best_val_map"], abs=1e-9)
+    assert cli.main(["evaluate", "--model", str(best), *_inputs(corpus), "--out", str(tmp_path / "best.json")]) == 0
+    exported = _json(best / "report.json")  # written at export from the trial's own checkpoint
+    assert _json(tmp_path / "best.json")["model"]["map_label"] == pytest.approx(exported["model"]["map_label"], abs=1e-6)
+    assert exported["model"]["map_label"] > exported["baselines"]["knn_voting"]["map_label"]
+    # Re-running the same command finds the finished experiment and resumes it (nothing re-trained).
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "resuming the sweep" in capsys.readouterr().out
+    assert _json(out / "sweep.json")["best_val_map"] == pytest.approx(summary["best_val_map"], abs=1e-9)
