@@ -79,7 +79,8 @@ def brute_force(a: sp.csr_matrix, queries: np.ndarray, m: int, block: int = 200_
     return nn, np.where(best_sim > 0, 1 - best_sim, 1.0).astype(np.float32)
 
 
-def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_to: int, kind: str) -> list[dict]:
+def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_to: int, kind: str,
+                  cap_share: float = 0.0) -> list[dict]:
     rows = []
     for n in sizes:
         rng = np.random.default_rng(0)
@@ -91,6 +92,15 @@ def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_t
         t0 = time.perf_counter()
         bf_nn, _ = brute_force(a, q, m)
         t_bf = time.perf_counter() - t0
+        if cap_share:  # approximate: frequent values do not generate candidates
+            t0 = time.perf_counter()
+            cap_nn, cap_dist = jaccard_neighbors(a, m, queries=q, max_posting=int(cap_share * n))
+            t_cap = time.perf_counter() - t0
+            _, bf_dist = brute_force(a, q, m)
+            capped = {"max_posting": int(cap_share * n), "s_per_query": t_cap / len(q), "all_s": t_cap / len(q) * n,
+                      "speedup_vs_brute": t_bf / t_cap,
+                      "similarity_recall": float((1 - cap_dist).sum() / max((1 - bf_dist).sum(), 1e-12)),
+                      "same_neighbours_share": float((cap_nn == bf_nn).mean())}
         row = {"metadata": kind, "images": n, "values": a.shape[1], "values_per_image": float(a.sum() / n), "queries": len(q),
                "inverted_index_s_per_query": t_inv / len(q), "brute_force_s_per_query": t_bf / len(q),
                "inverted_index_all_s": t_inv / len(q) * n, "brute_force_all_s": t_bf / len(q) * n,
@@ -99,6 +109,8 @@ def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_t
             t0 = time.perf_counter()
             jaccard_neighbors(a, m)
             row["inverted_index_all_s_measured"] = time.perf_counter() - t0
+        if cap_share:
+            row["capped"] = capped
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -143,6 +155,8 @@ def main() -> None:
     p.add_argument("--metadata", nargs="+", default=["tags", "sets"], help="synthetic metadata kinds (see synthetic_metadata)")
     p.add_argument("--m", type=int, default=6, help="neighbours per image (M)")
     p.add_argument("--queries", type=int, default=100, help="sampled query images timed at each size")
+    p.add_argument("--cap-share", type=float, default=0.002,
+                   help="tags: also run with max_posting = this share of N (approximate) and report its recall")
     p.add_argument("--full-up-to", type=int, default=10_000, help="also time the whole corpus up to this size")
     p.add_argument("--sweep-images", type=int, default=8000)
     p.add_argument("--sweep-epochs", type=int, default=15)
@@ -151,7 +165,8 @@ def main() -> None:
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"}
     if "jaccard" in args.parts:
         result["jaccard"] = [row for kind in args.metadata
-                             for row in bench_jaccard(args.sizes, args.values, args.m, args.queries, args.full_up_to, kind)]
+                             for row in bench_jaccard(args.sizes, args.values, args.m, args.queries, args.full_up_to, kind,
+                                                      args.cap_share if kind == "tags" else 0.0)]
     if "sweep" in args.parts:
         result["sweep"] = bench_sweep(args.sweep_images, args.sweep_epochs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

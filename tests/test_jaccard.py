@@ -67,3 +67,24 @@ def test_bad_neighbour_count() -> None:
     lists = pa.array([["a"]], pa.list_(pa.string()))
     with pytest.raises(ValueError, match="neighbours must be ≥ 1"):
         jaccard_neighbors(indicator_matrix(lists, metadata_vocabulary(lists)), m=0)
+
+
+def test_capped_postings_keep_exact_distances_and_most_neighbours() -> None:
+    lists = random_lists(600, values=40, seed=4)
+    a = indicator_matrix(lists, metadata_vocabulary(lists))
+    exact_nn, exact_dist = jaccard_neighbors_brute(a, m=6)
+    df = np.asarray(a.sum(0)).ravel()
+    cap = int(np.sort(df)[-4])  # the three most frequent values generate no candidates
+    nn, dist = jaccard_neighbors(a, m=6, max_posting=cap - 1, max_pairs=500)
+    dense = a.toarray().astype(bool)
+    for i in range(600):  # every distance reported is the pair's true Jaccard distance (eq. 3)
+        for j, d in zip(nn[i], dist[i], strict=True):
+            if j >= 0:
+                union = (dense[i] | dense[j]).sum()
+                assert d == pytest.approx(1 - (dense[i] & dense[j]).sum() / union, abs=1e-6)
+    # approximate: the similarity mass found is most of the exact one, never more
+    found, best = (1 - dist[nn >= 0]).sum(), (1 - exact_dist[exact_nn >= 0]).sum()
+    assert 0.8 * best <= found <= best + 1e-9
+    only_frequent = ~dense[:, df <= cap - 1].any(1) & dense.any(1)
+    assert only_frequent.any()  # such queries are searched exactly
+    np.testing.assert_array_equal(nn[only_frequent], exact_nn[only_frequent])

@@ -73,10 +73,17 @@ def _top_m(rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, n_rows: int, m: 
 
 def jaccard_neighbors(
     a: sp.csr_matrix, m: int, max_pairs: int = 20_000_000, progress: bool = False, queries: np.ndarray | None = None,
+    max_posting: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The m nearest rows of every row of `a` (or of the rows `queries`) among the rows of `a`
     by eq. 3, through the inverted index. Returns (neighbours (Q, m) int32, −1 where fewer
-    share a value; distances (Q, m) float32)."""
+    share a value; distances (Q, m) float32).
+
+    `max_posting` (approximate, off by default): values on more than this many images do not
+    generate candidates — images that share only such values with x are not considered — but
+    still count in every candidate's exact distance; a query whose values are all frequent is
+    searched exactly. Tag-like metadata over a fixed vocabulary has postings that grow ∝ N,
+    so exact search costs O(N) per query; the cap bounds it (BENCHMARKS.md measures recall)."""
     if m < 1:
         raise ValueError(f"the number of neighbours must be ≥ 1, got {m}")
     a = sp.csr_matrix(a, dtype=np.int32)
@@ -84,8 +91,13 @@ def jaccard_neighbors(
     q_rows = a[queries]
     sizes = np.asarray(a.sum(1)).ravel().astype(np.int64)
     postings = a.T.tocsr()  # the inverted index: value → images
+    df = np.asarray(postings.sum(1)).ravel().astype(np.int64)
+    frequent = df > max_posting if max_posting is not None else np.zeros(len(df), bool)
+    capped = _capped_index(a, postings, frequent) if frequent.any() else None
     # Candidate pairs each query will visit (with repeats), to size the chunks.
-    visits = q_rows @ np.asarray(postings.sum(1)).ravel().astype(np.int64)
+    visits = q_rows @ np.where(frequent, 0, df)
+    if capped is not None:
+        visits = np.where(visits > 0, visits, q_rows @ df)  # all-frequent queries: searched exactly
     bounds = _chunks(visits, max_pairs)
     nn = np.full((len(queries), m), NO_NEIGHBOR, dtype=np.int32)
     dist = np.ones((len(queries), m), dtype=np.float32)
@@ -95,14 +107,42 @@ def jaccard_neighbors(
 
         chunks = tqdm(list(chunks), desc="jaccard neighbours", unit="chunk")
     for lo, hi in chunks:
-        inter = (q_rows[lo:hi] @ postings).tocoo()
-        rows, cols, shared = inter.row, inter.col, inter.data.astype(np.float64)
+        rows, cols, shared = _shared_counts(q_rows[lo:hi], queries[lo:hi], postings, capped)
         query = queries[lo:hi][rows]
         not_self = cols != query
         rows, cols, shared, query = rows[not_self], cols[not_self], shared[not_self], query[not_self]
         sim = shared / (sizes[query] + sizes[cols] - shared)
         nn[lo:hi], dist[lo:hi] = _top_m(rows, cols, sim, hi - lo, m)
     return nn, dist
+
+
+def _capped_index(a: sp.csr_matrix, postings: sp.csr_matrix, frequent: np.ndarray) -> dict:
+    """The inverted index without the frequent values, and the frequent values as a dense (N, F) table."""
+    keep = sp.diags((~frequent).astype(np.int32), dtype=np.int32)
+    return {"rare": (keep @ postings).tocsr(), "rare_mask": (~frequent).astype(np.int64),
+            "frequent": a[:, np.nonzero(frequent)[0]].toarray().astype(np.int8)}
+
+
+def _shared_counts(q: sp.csr_matrix, images: np.ndarray, postings: sp.csr_matrix, capped: dict | None):
+    """(query row, image, |t_q ∩ t_image|) of every candidate pair of a chunk of queries; `images`
+    are the queries' own rows in `a`."""
+    if capped is None:
+        inter = (q @ postings).tocoo()
+        return inter.row, inter.col, inter.data.astype(np.float64)
+    has_rare = (q @ capped["rare_mask"]) > 0
+    out = []
+    for rare, sub in ((True, np.nonzero(has_rare)[0]), (False, np.nonzero(~has_rare)[0])):
+        if not len(sub):
+            continue
+        inter = (q[sub] @ (capped["rare"] if rare else postings)).tocoo()
+        rows, cols, shared = sub[inter.row], inter.col, inter.data.astype(np.float64)
+        if rare:  # the frequent values the pair shares, counted exactly
+            freq = capped["frequent"]
+            shared = shared + (freq[images[rows]] * freq[cols]).sum(1)
+        out.append((rows, cols, shared))
+    if not out:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return tuple(np.concatenate(parts) for parts in zip(*out, strict=True))
 
 
 def _chunks(visits: np.ndarray, max_pairs: int) -> np.ndarray:

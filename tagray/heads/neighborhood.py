@@ -42,6 +42,7 @@ class NeighborsConfig:
     tau: int = 5000  # tags only: the τ most frequent training tags define the sets (paper: 5000)
     m: int = 3  # neighbourhood size (paper: 3)
     max_rank: int = 6  # M: neighbourhoods are m-subsets of the M nearest (paper: 6)
+    max_posting: int | None = None  # approximate search: values on more images than this make no candidates (None: exact)
     target: str = "tags"  # tags: learn from user tags (weak); labels: from ground-truth labels (the paper)
     hidden: int = 500  # h (paper: 500)
     dropout: float = 0.5  # on v_x and v_z (paper: 0.5)
@@ -63,6 +64,8 @@ class NeighborsConfig:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not 1 <= self.m <= self.max_rank:
             raise ConfigError(f"need 1 ≤ m ≤ max_rank (M), got m={self.m}, max_rank={self.max_rank}")
+        if self.max_posting is not None and self.max_posting < 1:
+            raise ConfigError(f"max_posting must be ≥ 1 (or null for exact search), got {self.max_posting}")
         if min(self.tau, self.hidden, self.batch_size, self.epochs, self.test_samples, self.checkpoint_every) < 1:
             raise ConfigError("tau, hidden, batch_size, epochs, test_samples and checkpoint_every must be ≥ 1")
         if not 0 <= self.dropout < 1 or self.l2 < 0 or self.lr <= 0:

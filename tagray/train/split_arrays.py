@@ -81,20 +81,21 @@ def metadata_lists(manifest: pa.Table, metadata: str, normalizer: TagNormalizer)
 
 def metadata_neighbors(
     lists: pa.ListArray, split: pa.ChunkedArray | pa.Array, parts: list[SplitArrays], metadata: str, tau: int,
-    max_rank: int, progress: bool = True,
+    max_rank: int, progress: bool = True, max_posting: int | None = None,
 ) -> dict[str, np.ndarray]:
     """The M = `max_rank` nearest images of every image by Jaccard distance on its metadata
     (`lists`, one per manifest row; `split` the manifest's split column), among the images of
     its own split (seed 003 §3.1): {split: (N, M) rows into that split}. Tags use the τ most
     frequent normalised tags of the train split; sets and groups their whole vocabulary within
-    the split (new sets at test time are the point of seed 003 §5.2)."""
+    the split (new sets at test time are the point of seed 003 §5.2). `max_posting`: see
+    `jaccard_neighbors` (approximate when set)."""
     train_rows = np.nonzero(pc.equal(split, "train").to_numpy(zero_copy_only=False))[0]
     shared_vocab = metadata_vocabulary(lists.take(pa.array(train_rows)), tau) if metadata == "tags" else None
     out = {}
     for part in parts:
         mine = lists.take(pa.array(part.rows))
         vocab = shared_vocab if shared_vocab is not None else metadata_vocabulary(mine)
-        nn, _ = jaccard_neighbors(indicator_matrix(mine, vocab), max_rank, progress=progress)
+        nn, _ = jaccard_neighbors(indicator_matrix(mine, vocab), max_rank, progress=progress, max_posting=max_posting)
         found = (nn >= 0).sum(1)
         log.info("%s split: %d images, Jaccard neighbours by %s (%d values): mean %.2f of M=%d, %.1f%% with none",
                  part.split, len(part), metadata, len(vocab), found.mean(), max_rank, 100 * (found == 0).mean())

@@ -74,7 +74,7 @@ def neighbors_trial(config: dict, data: SweepData) -> None:
     cfg = from_dict(NeighborsConfig, config, "trial")
     parts = [data.parts["train"], data.parts["val"]]
     nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
-                            cfg.max_rank, progress=False)
+                            cfg.max_rank, progress=False, max_posting=cfg.max_posting)
     train = data.parts["train"]
     val = {**data.validation("val"), "neighbors": nn["val"]}
     state = _restore()
@@ -284,7 +284,7 @@ def _best_report(model, state: dict, cfg, data: SweepData, sweep: TuneConfig) ->
 
         parts = list(data.parts.values())
         nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
-                                cfg.max_rank, progress=False)
+                                cfg.max_rank, progress=False, max_posting=cfg.max_posting)
         test = data.parts["test"]
         scores = neighborhood_scores(model, torch.from_numpy(test.x), nn["test"], cfg.m, cfg.test_samples, cfg.seed)
         return neighbors_report(scores.numpy(), test, nn["test"], data.parts["train"], cfg.target, data.tags)
