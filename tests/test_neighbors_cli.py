@@ -113,6 +113,9 @@ def test_a_neighbours_model_is_not_served_or_indexed(tmp_path, capsys):
     save_net_head(SavedNetHead(NeighborhoodNet(4, 2, hidden=3), vocab, NeighborsConfig(hidden=3), None, np.array([3, 2])), model)
     assert cli.main(["index", "--model", model, "--features", str(tmp_path / "f.parquet"), "--out", str(tmp_path / "x")]) == 2
     assert "a neighbors head scores an image together with its metadata neighbours" in capsys.readouterr().err
+    assert cli.main(["refine", "--model", model, "--manifest", "m.parquet", "--features", "f.parquet",
+                     "--out", str(tmp_path / "r.parquet")]) == 2
+    assert "a 'neighbors' head; `tagray refine` needs a refine head" in capsys.readouterr().err
 
 
 @pytest.mark.integration

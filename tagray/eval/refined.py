@@ -10,6 +10,7 @@ import torch
 
 from tagray.data import schema
 from tagray.eval.inputs import load_inputs
+from tagray.heads.artifact import head_kind
 from tagray.heads.fit import align
 
 REFINED_SCHEMA = pa.schema([("image_id", pa.string()), ("tags", pa.list_(pa.string())),
@@ -23,10 +24,11 @@ def write_refined(model_dir: str, manifest_uri: str, features_uri: str, out: str
 
     if top_k < 1:
         raise schema.SchemaError(f"--top-k must be ≥ 1, got {top_k}")
-    inputs = load_inputs(model_dir, manifest_uri, features_uri, endpoint_url)
-    if inputs.head.config.head != "refine":
-        raise schema.SchemaError(f"{model_dir}: a {inputs.head.config.head!r} head; `tagray refine` needs a refine head "
+    kind = head_kind(model_dir, endpoint_url)
+    if kind != "refine":
+        raise schema.SchemaError(f"{model_dir}: a {kind!r} head; `tagray refine` needs a refine head "
                                  "(tagray train --head refine)")
+    inputs = load_inputs(model_dir, manifest_uri, features_uri, endpoint_url)
     part = inputs.targets.filter(pc.equal(inputs.targets.column("split"), split))
     if part.num_rows == 0:
         raise schema.SchemaError(f"{manifest_uri}: the {split} split is empty")

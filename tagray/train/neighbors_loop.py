@@ -11,10 +11,7 @@ performs the best on the validation set"). A restarted run continues after the l
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -30,13 +27,8 @@ from tagray.heads.neighborhood import (
     neighbors_step,
     sample_neighborhoods,
 )
+from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
 from tagray.train.loop import multi_hot
-
-STATE_FILE = "state.pt"
-
-
-def load_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig) -> float:
@@ -46,30 +38,20 @@ def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig) -> f
 
 
 def neighbors_train_loop(config: dict) -> None:
-    import ray
-    import ray.train
     import ray.train.torch
 
     cfg = from_dict(NeighborsConfig, config["head"], "head config")
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    torch.set_num_threads(config.get("torch_threads", 1))
-    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        x_all = torch.from_numpy(train["x"])
+    world, rank, train, val, x_all = worker_inputs(config)
     tags, n = config["tags"], len(train["x"])
     torch.manual_seed(cfg.seed)
     model = NeighborhoodNet(x_all.shape[1], tags, cfg.hidden, cfg.dropout)
     opt = make_optimizer(model, cfg)
-    start_epoch, history, best = 0, [], {"map": -1.0, "epoch": 0, "model": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
+    start_epoch, history, best = 0, [], BestEpoch()
+    state = restored_state()
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        start_epoch, history, best = state["epoch"], list(state["history"]), state["best"]
+        start_epoch, history, best = state["epoch"], list(state["history"]), BestEpoch(state["best"])
         if rank == 0:
             print(f"[neighbors] resuming after epoch {start_epoch}", flush=True)
     forward = ray.train.torch.prepare_model(model) if world > 1 else model
@@ -88,17 +70,9 @@ def neighbors_train_loop(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - t0}
         if rank == 0:
             metrics["val_map"] = validation_map(model, val, cfg)
-            if metrics["val_map"] > best["map"]:
-                best = {"map": metrics["val_map"], "epoch": epoch + 1,
-                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            metrics["best_val_map"] = best["map"]
+            metrics["best_val_map"] = best.update(epoch + 1, metrics["val_map"], model)
             print(f"[neighbors] epoch {epoch + 1}/{cfg.epochs} loss {metrics['loss']:.4f} "
                   f"val mAP {metrics['val_map']:.4f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
         history.append(metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "history": history, "best": best}, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report_epoch(metrics, rank, lambda e=epoch: {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                     "epoch": e + 1, "history": history, "best": best.state})

@@ -20,8 +20,9 @@ from tagray.eval.neighbors_report import neighbors_report, summary_lines
 from tagray.features import store
 from tagray.heads.neighborhood import NeighborhoodNet, NeighborsConfig, neighborhood_scores
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
-from tagray.train.neighbors_loop import load_state, neighbors_train_loop
-from tagray.train.run import TrainRunConfig, plot_epochs, ray_storage, run_name, scaling
+from tagray.train.array_loops import fit_array_loop
+from tagray.train.neighbors_loop import neighbors_train_loop
+from tagray.train.run import TrainRunConfig, plot_epochs, run_name
 from tagray.train.split_arrays import SplitArrays, SplitsData, metadata_lists, metadata_neighbors
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,6 @@ def train_neighbors(
 ) -> dict:
     """Trains the neighbourhood model; returns the metrics also saved in `out` (with report.json)."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     data = NeighborsData(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
@@ -67,20 +66,9 @@ def train_neighbors(
           f"(m={cfg.m} of M={cfg.max_rank}), {run.workers} worker(s)", flush=True)
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "test_samples"), data.vocab.version,
                     store.comparable(data.identity), run.workers)
-    fs, base = ray_storage(out, endpoint_url)
-    trainer = TorchTrainer(
-        neighbors_train_loop,
-        train_loop_config={"head": to_dict(cfg), "tags": data.tags, "torch_threads": run.torch_threads,
-                           "train_ref": ray.put(data.shared("train", cfg.target)), "val_ref": ray.put(data.shared("val", cfg.target))},
-        scaling_config=scaling(run),
-        run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
-    with result.checkpoint.as_directory() as d:
-        state = load_state(d)
+    config = {"head": to_dict(cfg), "tags": data.tags,
+              "train_ref": ray.put(data.shared("train", cfg.target)), "val_ref": ray.put(data.shared("val", cfg.target))}
+    state = fit_array_loop(neighbors_train_loop, config, run, out, name, endpoint_url)
     model = NeighborhoodNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
     model.load_state_dict(state["best"]["model"] or state["model"])
     model.eval()

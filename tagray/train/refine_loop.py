@@ -15,10 +15,7 @@ recomputed from them). A restarted run continues after the last finished epoch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -37,13 +34,8 @@ from tagray.heads.refine import (
     tag_laplacian,
     visual_candidates,
 )
+from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
 from tagray.train.loop import multi_hot
-
-STATE_FILE = "state.pt"
-
-
-def load_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def validation_map(model: RefineNet, val: dict) -> float:
@@ -64,55 +56,37 @@ def _candidates(model: RefineNet, x: torch.Tensor, cfg: RefineConfig, world: int
 
 
 def refine_train_loop(config: dict) -> None:
-    import ray
-    import ray.train
     import ray.train.torch
 
     cfg = from_dict(RefineConfig, config["head"], "head config")
-    ctx = ray.train.get_context()
-    world, rank = ctx.get_world_size(), ctx.get_world_rank()
-    torch.set_num_threads(config.get("torch_threads", 1))
-    train, val = ray.get(config["train_ref"]), ray.get(config["val_ref"])
-    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        x_all = torch.from_numpy(train["x"])
+    world, rank, train, val, x_all = worker_inputs(config)
     tags, n = config["tags"], len(train["x"])
     g_all = multi_hot(train["tag_ids"], tags)
     laplacian = tag_laplacian(torch.from_numpy(train["xi"]).float())
     torch.manual_seed(cfg.seed)
     model = RefineNet(x_all.shape[1], tags, cfg.hidden, cfg.dropout)
     init_opt, opt, schedule = make_optimizers(model, cfg)
-    done, history, best, phi0 = 0, [], {"map": -1.0, "epoch": 0, "model": None}, None  # done: 0 = nothing yet
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_state(d)
+    done, history, best, phi0 = 0, [], BestEpoch(), None  # done: last finished epoch (0: ϕ0)
+    state = restored_state()
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        done, history, best, phi0 = state["epoch"], list(state["history"]), state["best"], state["phi0"]
+        done, history, best, phi0 = state["epoch"], list(state["history"]), BestEpoch(state["best"]), state["phi0"]
         if rank == 0:
             print(f"[refine] resuming after epoch {done}", flush=True)
     forward = ray.train.torch.prepare_model(model) if world > 1 else model
 
     def finish_epoch(epoch: int, metrics: dict) -> None:
-        nonlocal best
         if rank == 0:
             metrics["val_map"] = validation_map(model, val)
-            if metrics["val_map"] > best["map"]:
-                best = {"map": metrics["val_map"], "epoch": epoch,
-                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            metrics["best_val_map"] = best["map"]
+            metrics["best_val_map"] = best.update(epoch, metrics["val_map"], model)
             print(f"[refine] epoch {epoch}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                                      if k not in ("epoch",)), flush=True)
         history.append(metrics)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                            "epoch": epoch, "history": history, "best": best, "phi0": phi0}, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report_epoch(metrics, rank, lambda: {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                             "schedule": schedule.state_dict(), "epoch": epoch, "history": history,
+                                             "best": best.state, "phi0": phi0})
 
     if phi0 is None:  # Algorithm 2, step 1
         t0 = time.perf_counter()

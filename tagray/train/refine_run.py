@@ -28,8 +28,9 @@ from tagray.eval.refine_report import refine_report, summary_lines
 from tagray.features import store
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
 from tagray.heads.refine import RefineConfig, RefineNet, refine_scores
-from tagray.train.refine_loop import load_state, refine_train_loop
-from tagray.train.run import TrainRunConfig, plot_epochs, ray_storage, run_name, scaling
+from tagray.train.array_loops import fit_array_loop
+from tagray.train.refine_loop import refine_train_loop
+from tagray.train.run import TrainRunConfig, plot_epochs, run_name
 from tagray.train.split_arrays import SplitsData
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,6 @@ def train_refine(
 ) -> dict:
     """Trains the refinement network; returns the metrics also saved in `out` (with report.json)."""
     import ray
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
     data = data or SplitsData(manifest_uri, features_uri, normalizer, endpoint_url)
@@ -66,21 +65,10 @@ def train_refine(
           f"({100 * (xi > 0).mean():.0f}% of tag pairs related), {run.workers} worker(s)", flush=True)
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every"), data.vocab.version, store.comparable(data.identity),
                     run.workers)
-    fs, base = ray_storage(out, endpoint_url)
-    trainer = TorchTrainer(
-        refine_train_loop,
-        train_loop_config={"head": to_dict(cfg), "tags": data.tags, "torch_threads": run.torch_threads,
-                           "train_ref": ray.put({"x": train.x, "tag_ids": train.tag_ids, "xi": xi}),
-                           "val_ref": ray.put(data.validation("val"))},
-        scaling_config=scaling(run),
-        run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
-    with result.checkpoint.as_directory() as d:
-        state = load_state(d)
+    config = {"head": to_dict(cfg), "tags": data.tags,
+              "train_ref": ray.put({"x": train.x, "tag_ids": train.tag_ids, "xi": xi}),
+              "val_ref": ray.put(data.validation("val"))}
+    state = fit_array_loop(refine_train_loop, config, run, out, name, endpoint_url)
     model, phi0 = (RefineNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout) for _ in range(2))
     model.load_state_dict(state["best"]["model"] or state["model"])
     phi0.load_state_dict(state["phi0"])

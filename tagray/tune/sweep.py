@@ -29,13 +29,13 @@ import torch
 from tagray.config import from_dict, to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
+from tagray.train.array_loops import STATE_FILE, load_state
 from tagray.train.run import ray_storage
 from tagray.train.split_arrays import SplitsData, metadata_lists, metadata_neighbors
 from tagray.tune.space import TuneConfig, head_config_class
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 RESULTS_FILE = "results.csv"
 
 
@@ -121,7 +121,7 @@ def _restore() -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        state = load_state(d)
     state.pop("val_map", None)
     return state
 
@@ -187,6 +187,9 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
     table = results_table(results, sweep)
     storage.makedirs(out, endpoint_url)
     storage.write_text(storage.join(out, RESULTS_FILE), table.to_csv(index=False), endpoint_url)
+    if table["best_val_map"].isna().all():
+        first = next((e for e in table["error"] if e), "no trial reported a validation mAP")
+        raise RuntimeError(f"every trial of the sweep failed (see {storage.join(out, RESULTS_FILE)} and {path}): {first}")
     plot = plot_sweep(table, sweep, out)
     best = results.get_best_result(metric=sweep.metric, mode="max", scope="all")
     summary = {"head": sweep.head, "trials": len(table), "errored_trials": len(errors), "concurrent_trials": concurrent,
@@ -256,7 +259,7 @@ def export_best(best, data: SweepData, sweep: TuneConfig, out: str, endpoint_url
 
     checkpoint = best.get_best_checkpoint(sweep.metric, "max") or best.checkpoint
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        state = load_state(d)
     cfg = from_dict(head_config_class(sweep.head), best.config, "best trial")
     train = data.parts["train"]
     if sweep.head == "neighbors":
