@@ -7,7 +7,8 @@ corpus grows, and Ray Tune sweep wall time with 1 vs 2 concurrent trials.
    pair, the same tie-breaking), both timed on
    the same Q sampled query images against all N; the whole-corpus time is per-query time × N
    (measured outright where `--full-up-to` allows). At 10k both are also run on every image and
-   compared for equality. Brute force scans every image's values for every query (a sparse
+   compared for equality. For tag-like metadata also MinHash LSH (`jaccard_neighbors_lsh`,
+   approximate) on the whole corpus, with its recall against brute force on the Q queries. Brute force scans every image's values for every query (a sparse
    (N × V)·(V × Q) product: O(nnz · Q)), with no index.
 2. `sweep`: `tagray tune`'s run_sweep on a synthetic corpus (4 trials of the neighbours model,
    no early stopping), max_concurrent 1 against 2, same local Ray (2 CPUs): wall time of the
@@ -31,6 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from tagray.data.jaccard import jaccard_neighbors
+from tagray.data.jaccard_lsh import jaccard_neighbors_lsh
 
 
 def synthetic_metadata(n: int, values: int, rng: np.random.Generator, kind: str = "tags") -> sp.csr_matrix:
@@ -80,7 +82,7 @@ def brute_force(a: sp.csr_matrix, queries: np.ndarray, m: int, block: int = 200_
 
 
 def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_to: int, kind: str,
-                  cap_share: float = 0.0) -> list[dict]:
+                  cap_share: float = 0.0, lsh: bool = False) -> list[dict]:
     rows = []
     for n in sizes:
         rng = np.random.default_rng(0)
@@ -92,11 +94,11 @@ def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_t
         t0 = time.perf_counter()
         bf_nn, _ = brute_force(a, q, m)
         t_bf = time.perf_counter() - t0
+        _, bf_dist = brute_force(a, q, m)
         if cap_share:  # approximate: frequent values do not generate candidates
             t0 = time.perf_counter()
             cap_nn, cap_dist = jaccard_neighbors(a, m, queries=q, max_posting=int(cap_share * n))
             t_cap = time.perf_counter() - t0
-            _, bf_dist = brute_force(a, q, m)
             capped = {"max_posting": int(cap_share * n), "s_per_query": t_cap / len(q), "all_s": t_cap / len(q) * n,
                       "speedup_vs_brute": t_bf / t_cap,
                       "similarity_recall": float((1 - cap_dist).sum() / max((1 - bf_dist).sum(), 1e-12)),
@@ -111,6 +113,13 @@ def bench_jaccard(sizes: list[int], values: int, m: int, queries: int, full_up_t
             row["inverted_index_all_s_measured"] = time.perf_counter() - t0
         if cap_share:
             row["capped"] = capped
+        if lsh:  # approximate: MinHash LSH over the whole corpus (it has no per-query mode)
+            t0 = time.perf_counter()
+            lsh_nn, lsh_dist = jaccard_neighbors_lsh(a, m)
+            t_lsh = time.perf_counter() - t0
+            row["lsh"] = {"all_s_measured": t_lsh, "speedup_vs_brute_all": t_bf / len(q) * n / t_lsh,
+                          "similarity_recall": float((1 - lsh_dist[q]).sum() / max((1 - bf_dist).sum(), 1e-12)),
+                          "same_neighbours_share": float((lsh_nn[q] == bf_nn).mean())}
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -157,6 +166,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=100, help="sampled query images timed at each size")
     p.add_argument("--cap-share", type=float, default=0.002,
                    help="tags: also run with max_posting = this share of N (approximate) and report its recall")
+    p.add_argument("--no-lsh", action="store_true", help="tags: skip MinHash LSH (whole corpus, default settings)")
     p.add_argument("--full-up-to", type=int, default=10_000, help="also time the whole corpus up to this size")
     p.add_argument("--sweep-images", type=int, default=8000)
     p.add_argument("--sweep-epochs", type=int, default=15)
@@ -166,7 +176,8 @@ def main() -> None:
     if "jaccard" in args.parts:
         result["jaccard"] = [row for kind in args.metadata
                              for row in bench_jaccard(args.sizes, args.values, args.m, args.queries, args.full_up_to, kind,
-                                                      args.cap_share if kind == "tags" else 0.0)]
+                                                      args.cap_share if kind == "tags" else 0.0,
+                                                      lsh=kind == "tags" and not args.no_lsh)]
     if "sweep" in args.parts:
         result["sweep"] = bench_sweep(args.sweep_images, args.sweep_epochs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import scipy.sparse as sp
 
 from tagray.data.jaccard import (
     NO_NEIGHBOR,
@@ -13,6 +14,7 @@ from tagray.data.jaccard import (
     jaccard_neighbors_brute,
     metadata_vocabulary,
 )
+from tagray.data.jaccard_lsh import EMPTY, jaccard_neighbors_lsh, minhash_signatures
 
 
 def random_lists(n: int, values: int, seed: int) -> pa.ListArray:
@@ -69,6 +71,15 @@ def test_bad_neighbour_count() -> None:
         jaccard_neighbors(indicator_matrix(lists, metadata_vocabulary(lists)), m=0)
 
 
+def assert_true_distances(nn: np.ndarray, dist: np.ndarray, dense: np.ndarray) -> None:
+    """Every neighbour reported carries the pair's exact Jaccard distance (eq. 3)."""
+    rows, slots = np.nonzero(nn >= 0)
+    j = nn[rows, slots]
+    shared = (dense[rows] & dense[j]).sum(1)
+    union = (dense[rows] | dense[j]).sum(1)
+    np.testing.assert_allclose(dist[rows, slots], 1 - shared / union, atol=1e-6)
+
+
 def test_capped_postings_keep_exact_distances_and_most_neighbours() -> None:
     lists = random_lists(600, values=40, seed=4)
     a = indicator_matrix(lists, metadata_vocabulary(lists))
@@ -77,14 +88,58 @@ def test_capped_postings_keep_exact_distances_and_most_neighbours() -> None:
     cap = int(np.sort(df)[-4])  # the three most frequent values generate no candidates
     nn, dist = jaccard_neighbors(a, m=6, max_posting=cap - 1, max_pairs=500)
     dense = a.toarray().astype(bool)
-    for i in range(600):  # every distance reported is the pair's true Jaccard distance (eq. 3)
-        for j, d in zip(nn[i], dist[i], strict=True):
-            if j >= 0:
-                union = (dense[i] | dense[j]).sum()
-                assert d == pytest.approx(1 - (dense[i] & dense[j]).sum() / union, abs=1e-6)
+    assert_true_distances(nn, dist, dense)
     # approximate: the similarity mass found is most of the exact one, never more
     found, best = (1 - dist[nn >= 0]).sum(), (1 - exact_dist[exact_nn >= 0]).sum()
     assert 0.8 * best <= found <= best + 1e-9
     only_frequent = ~dense[:, df <= cap - 1].any(1) & dense.any(1)
     assert only_frequent.any()  # such queries are searched exactly
     np.testing.assert_array_equal(nn[only_frequent], exact_nn[only_frequent])
+
+
+def test_minhash_collision_rate_is_the_jaccard_similarity() -> None:
+    # P[min h(A) = min h(B)] = |A ∩ B| / |A ∪ B|: sets of 30 values sharing 20 → J = 0.5
+    a = np.zeros((3, 50), np.int32)
+    a[0, :30] = 1
+    a[1, 10:40] = 1
+    sig = minhash_signatures(sp.csr_matrix(a), hashes=4000, seed=1)
+    assert abs((sig[0] == sig[1]).mean() - 20 / 40) < 0.03  # 4000 hashes: standard error 0.008
+    assert (sig[2] == EMPTY).all()  # no values: never bucketed
+
+
+def test_lsh_finds_most_of_the_exact_neighbours() -> None:
+    lists = random_lists(2000, values=60, seed=5)
+    a = indicator_matrix(lists, metadata_vocabulary(lists))
+    exact_nn, exact_dist = jaccard_neighbors_brute(a, m=6)
+    nn, dist = jaccard_neighbors_lsh(a, m=6)
+    dense = a.toarray().astype(bool)
+    assert_true_distances(nn, dist, dense)
+    assert (nn != np.arange(2000)[:, None]).all()
+    assert all(len(set(r[r >= 0])) == (r >= 0).sum() for r in nn)  # a pair met in several bands counts once
+    assert (np.diff(dist, axis=1) >= 0).all()  # nearest first
+    assert (nn[~dense.any(1)] == NO_NEIGHBOR).all()  # images without metadata have none
+    recall = (1 - dist).sum() / (1 - exact_dist).sum()
+    one_band = (1 - jaccard_neighbors_lsh(a, m=6, bands=1)[1]).sum() / (1 - exact_dist).sum()
+    assert recall >= 0.9 and recall > one_band + 0.2, (recall, one_band)
+    # identical sets collide in every band: most images with a duplicate find one at distance 0
+    first = exact_dist[:, 0] == 0
+    assert first.any() and (dist[first, 0] == 0).mean() > 0.9
+    np.testing.assert_array_equal(nn, jaccard_neighbors_lsh(a, m=6)[0])  # seeded
+
+
+def test_split_neighbours_by_lsh_stay_in_their_split_and_match_the_index() -> None:
+    from tagray.heads.neighborhood import NeighborsConfig
+    from tagray.train.split_arrays import SplitArrays, metadata_neighbors
+
+    lists = random_lists(1200, values=50, seed=6)
+    split = np.where(np.arange(1200) % 3 == 0, "test", "train")
+    parts = [SplitArrays(name, rows, None, np.zeros((len(rows), 1), np.float32), None, None, None)
+             for name in ("train", "test") for rows in [np.nonzero(split == name)[0]]]
+    kw = {"max_rank": 6, "tau": 30, "m": 3}
+    exact = metadata_neighbors(lists, pa.array(split), parts, NeighborsConfig(**kw), progress=False)
+    approx = metadata_neighbors(lists, pa.array(split), parts, NeighborsConfig(search="lsh", **kw), progress=False)
+    for part in parts:
+        nn = approx[part.split]
+        assert nn.max() < len(part.rows)  # rows into the split's own images
+        assert (nn >= 0).sum() >= 0.95 * (exact[part.split] >= 0).sum()
+        assert (nn == exact[part.split]).mean() > 0.3  # same neighbours where not tied

@@ -109,3 +109,7 @@ def test_bad_settings_are_refused() -> None:
         NeighborsConfig(m=7, max_rank=6)
     with pytest.raises(ConfigError, match="metadata must be one of"):
         NeighborsConfig(metadata="friends")
+    with pytest.raises(ConfigError, match="search must be one of"):
+        NeighborsConfig(search="faiss")
+    with pytest.raises(ConfigError, match="max_posting caps the inverted index"):
+        NeighborsConfig(search="lsh", max_posting=100)

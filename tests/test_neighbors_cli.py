@@ -147,3 +147,17 @@ def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus,
     assert cli.main(argv) == 0
     assert "resuming the sweep" in capsys.readouterr().out
     assert _json(out / "sweep.json")["best_val_map"] == pytest.approx(summary["best_val_map"], abs=1e-9)
+
+
+@pytest.mark.integration
+def test_a_sweep_whose_every_trial_fails_names_the_error_and_keeps_the_table(corpus, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"  # batch sizes beyond the 6,401 training images: every trial raises
+    sweep.write_text("head: refine\nfixed: {epochs: 1, init_epochs: 1, hidden: 16}\n"
+                     "search_space:\n  batch_size: {grid: [8192, 16384]}\ntrial_cpus: 1\n")
+    out = tmp_path / "sweep"
+    assert cli.main(["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "every trial of the sweep failed" in err and str(out / "results.csv") in err
+    assert "need at least batch_size" in err  # the first trial's own error
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and not (out / "best_model").exists()

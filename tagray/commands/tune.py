@@ -5,6 +5,7 @@ writes results.csv, sweep.png, sweep.json and best_model/ under --out; re-runnin
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import load_config, parse_overrides
@@ -32,10 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     normalizer = TagNormalizer(load_config(NormalizerConfig, sweep.normalizer))
     from tagray.runtime import init_ray
-    from tagray.tune.sweep import run_sweep
+    from tagray.tune.sweep import SweepFailed, run_sweep
 
     init_ray(args.ray_address)
-    summary = run_sweep(args.manifest, args.features, args.out, sweep, normalizer, args.endpoint_url)
+    try:
+        summary = run_sweep(args.manifest, args.features, args.out, sweep, normalizer, args.endpoint_url)
+    except SweepFailed as e:
+        print(f"tagray tune: error: {e}", file=sys.stderr)
+        return 1
     print(f"{summary['trials']} trials ({summary['errored_trials']} errored, {summary['concurrent_trials']} at once) "
           f"in {summary['seconds']:.1f}s; best validation mAP {summary['best_val_map']:.4f} with {summary['best_config']}")
     print(f"results → {summary['results']}")

@@ -57,18 +57,24 @@ def indicator_matrix(lists: pa.Array | pa.ChunkedArray, vocabulary: np.ndarray) 
     return a
 
 
-def _top_m(rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, n_rows: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the m candidates of highest similarity (ties: lower column) → (n_rows, m)."""
+def top_m(rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, n_rows: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the m candidates of highest similarity (ties: lower column) → (neighbours
+    (n_rows, m), −1 where fewer; their similarities (n_rows, m) float64, 0 where none)."""
     order = np.lexsort((cols, -sim, rows))
     rows, cols, sim = rows[order], cols[order], sim[order]
     starts = np.searchsorted(rows, np.arange(n_rows))
     rank = np.arange(len(rows)) - starts[rows]
     keep = rank < m
     nn = np.full((n_rows, m), NO_NEIGHBOR, dtype=np.int32)
-    dist = np.ones((n_rows, m), dtype=np.float32)
+    best = np.zeros((n_rows, m), dtype=np.float64)
     nn[rows[keep], rank[keep]] = cols[keep]
-    dist[rows[keep], rank[keep]] = 1.0 - sim[keep]
-    return nn, dist
+    best[rows[keep], rank[keep]] = sim[keep]
+    return nn, best
+
+
+def distances(sim: np.ndarray) -> np.ndarray:
+    """Jaccard distances (float32) of `top_m`'s similarities; 1 where no neighbour."""
+    return (1.0 - sim).astype(np.float32)
 
 
 def jaccard_neighbors(
@@ -112,7 +118,8 @@ def jaccard_neighbors(
         not_self = cols != query
         rows, cols, shared, query = rows[not_self], cols[not_self], shared[not_self], query[not_self]
         sim = shared / (sizes[query] + sizes[cols] - shared)
-        nn[lo:hi], dist[lo:hi] = _top_m(rows, cols, sim, hi - lo, m)
+        nn[lo:hi], best = top_m(rows, cols, sim, hi - lo, m)
+        dist[lo:hi] = distances(best)
     return nn, dist
 
 
@@ -173,4 +180,5 @@ def jaccard_neighbors_brute(a: sp.csr_matrix, m: int, rows: np.ndarray | None = 
         sim = np.where(union > 0, shared / union, 0.0)
     sim[np.arange(len(rows)), rows] = 0.0  # never its own neighbour
     q, c = np.nonzero(sim > 0)
-    return _top_m(q, c, sim[q, c], len(rows), m)
+    nn, best = top_m(q, c, sim[q, c], len(rows), m)
+    return nn, distances(best)

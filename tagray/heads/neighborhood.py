@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 METADATA = ("tags", "sets", "groups")
 TARGETS = ("tags", "labels")
+SEARCHES = ("index", "lsh")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ class NeighborsConfig:
     tau: int = 5000  # tags only: the τ most frequent training tags define the sets (paper: 5000)
     m: int = 3  # neighbourhood size (paper: 3)
     max_rank: int = 6  # M: neighbourhoods are m-subsets of the M nearest (paper: 6)
-    max_posting: int | None = None  # approximate search: values on more images than this make no candidates (None: exact)
+    search: str = "index"  # index: exact inverted index; lsh: approximate MinHash LSH (tags at millions of images)
+    max_posting: int | None = None  # index, approximate: values on more images than this make no candidates (None: exact)
+    lsh_bands: int = 16  # lsh: bands of the signature (more: higher recall, more candidates)
+    lsh_rows: int = 2  # lsh: signature rows per band (more: fewer, more similar candidates)
+    lsh_window: int = 10  # lsh: each image is paired with at most 2·window images of each bucket
     target: str = "tags"  # tags: learn from user tags (weak); labels: from ground-truth labels (the paper)
     hidden: int = 500  # h (paper: 500)
     dropout: float = 0.5  # on v_x and v_z (paper: 0.5)
@@ -64,12 +69,24 @@ class NeighborsConfig:
             raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if not 1 <= self.m <= self.max_rank:
             raise ConfigError(f"need 1 ≤ m ≤ max_rank (M), got m={self.m}, max_rank={self.max_rank}")
+        if self.search not in SEARCHES:
+            raise ConfigError(f"search must be one of {', '.join(SEARCHES)}, got {self.search!r}")
+        if self.search == "lsh" and self.max_posting is not None:
+            raise ConfigError("max_posting caps the inverted index (search: index); with search: lsh leave it null")
+        if min(self.lsh_bands, self.lsh_rows, self.lsh_window) < 1:
+            raise ConfigError("lsh_bands, lsh_rows and lsh_window must be ≥ 1")
         if self.max_posting is not None and self.max_posting < 1:
             raise ConfigError(f"max_posting must be ≥ 1 (or null for exact search), got {self.max_posting}")
         if min(self.tau, self.hidden, self.batch_size, self.epochs, self.test_samples, self.checkpoint_every) < 1:
             raise ConfigError("tau, hidden, batch_size, epochs, test_samples and checkpoint_every must be ≥ 1")
         if not 0 <= self.dropout < 1 or self.l2 < 0 or self.lr <= 0:
             raise ConfigError(f"need 0 ≤ dropout < 1, l2 ≥ 0, lr > 0; got {self.dropout}, {self.l2}, {self.lr}")
+
+    def lsh_settings(self) -> dict | None:
+        """The MinHash LSH arguments of `jaccard_neighbors_lsh`, or None for the inverted index."""
+        if self.search != "lsh":
+            return None
+        return {"bands": self.lsh_bands, "rows": self.lsh_rows, "window": self.lsh_window, "seed": self.seed}
 
 
 class NeighborhoodNet(nn.Module):

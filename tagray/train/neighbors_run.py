@@ -40,8 +40,7 @@ class NeighborsData(SplitsData):
         if cfg.target == "labels" and not self.parts["train"].labelled.any():
             raise schema.SchemaError(f"{manifest_uri}: target=labels but no training image carries labels (use target=tags)")
         lists = metadata_lists(self.manifest, cfg.metadata, normalizer)
-        self.neighbors = metadata_neighbors(lists, self.manifest.column("split"), list(self.parts.values()),
-                                            cfg.metadata, cfg.tau, cfg.max_rank, max_posting=cfg.max_posting)
+        self.neighbors = metadata_neighbors(lists, self.manifest.column("split"), list(self.parts.values()), cfg)
 
     def shared(self, split: str, target: str) -> dict:
         """What the loop reads of a split: x and neighbours, with target ids (train) or truth (val)."""

@@ -18,9 +18,11 @@ import pyarrow.compute as pc
 
 from tagray.data import schema
 from tagray.data.jaccard import indicator_matrix, jaccard_neighbors, metadata_vocabulary
+from tagray.data.jaccard_lsh import jaccard_neighbors_lsh
 from tagray.data.normalize import TagNormalizer, Vocabulary
 from tagray.features import store
 from tagray.heads.fit import align
+from tagray.heads.neighborhood import NeighborsConfig
 from tagray.heads.targets import build_targets
 from tagray.train.data import padded_ids
 
@@ -80,25 +82,32 @@ def metadata_lists(manifest: pa.Table, metadata: str, normalizer: TagNormalizer)
 
 
 def metadata_neighbors(
-    lists: pa.ListArray, split: pa.ChunkedArray | pa.Array, parts: list[SplitArrays], metadata: str, tau: int,
-    max_rank: int, progress: bool = True, max_posting: int | None = None,
+    lists: pa.ListArray, split: pa.ChunkedArray | pa.Array, parts: list[SplitArrays], cfg: NeighborsConfig,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """The M = `max_rank` nearest images of every image by Jaccard distance on its metadata
-    (`lists`, one per manifest row; `split` the manifest's split column), among the images of
-    its own split (seed 003 §3.1): {split: (N, M) rows into that split}. Tags use the τ most
-    frequent normalised tags of the train split; sets and groups their whole vocabulary within
-    the split (new sets at test time are the point of seed 003 §5.2). `max_posting`: see
-    `jaccard_neighbors` (approximate when set)."""
+    """The M = `cfg.max_rank` nearest images of every image by Jaccard distance on its metadata
+    `cfg.metadata` (`lists`, one per manifest row; `split` the manifest's split column), among
+    the images of its own split (seed 003 §3.1): {split: (N, M) rows into that split}. Tags use
+    the τ most frequent normalised tags of the train split; sets and groups their whole
+    vocabulary within the split (new sets at test time are the point of seed 003 §5.2). Search
+    by `cfg.search`: the inverted index (`jaccard_neighbors`, exact unless `max_posting`) or
+    MinHash LSH (`jaccard_neighbors_lsh`, approximate)."""
+    metadata, max_rank, lsh = cfg.metadata, cfg.max_rank, cfg.lsh_settings()
     train_rows = np.nonzero(pc.equal(split, "train").to_numpy(zero_copy_only=False))[0]
-    shared_vocab = metadata_vocabulary(lists.take(pa.array(train_rows)), tau) if metadata == "tags" else None
+    shared_vocab = metadata_vocabulary(lists.take(pa.array(train_rows)), cfg.tau) if metadata == "tags" else None
     out = {}
     for part in parts:
         mine = lists.take(pa.array(part.rows))
         vocab = shared_vocab if shared_vocab is not None else metadata_vocabulary(mine)
-        nn, _ = jaccard_neighbors(indicator_matrix(mine, vocab), max_rank, progress=progress, max_posting=max_posting)
+        a = indicator_matrix(mine, vocab)
+        if lsh is not None:
+            nn, _ = jaccard_neighbors_lsh(a, max_rank, **lsh, progress=progress)
+        else:
+            nn, _ = jaccard_neighbors(a, max_rank, progress=progress, max_posting=cfg.max_posting)
         found = (nn >= 0).sum(1)
-        log.info("%s split: %d images, Jaccard neighbours by %s (%d values): mean %.2f of M=%d, %.1f%% with none",
-                 part.split, len(part), metadata, len(vocab), found.mean(), max_rank, 100 * (found == 0).mean())
+        log.info("%s split: %d images, Jaccard neighbours by %s (%d values, %s): mean %.2f of M=%d, %.1f%% with none",
+                 part.split, len(part), metadata, len(vocab), "MinHash LSH" if lsh else "inverted index",
+                 found.mean(), max_rank, 100 * (found == 0).mean())
         out[part.split] = nn
     return out
 

@@ -58,6 +58,10 @@ class SweepData(SplitsData):
         self.manifest = self.manifest.select(["image_id", "split"])  # trials need only the split column
 
 
+class SweepFailed(RuntimeError):
+    """Every trial of a sweep errored: the message names the results table and the first error."""
+
+
 def _save(d: str, state: dict, val_map: float) -> None:
     torch.save({**state, "val_map": val_map}, os.path.join(d, STATE_FILE))
 
@@ -73,8 +77,7 @@ def neighbors_trial(config: dict, data: SweepData) -> None:
     torch.set_num_threads(1)
     cfg = from_dict(NeighborsConfig, config, "trial")
     parts = [data.parts["train"], data.parts["val"]]
-    nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
-                            cfg.max_rank, progress=False, max_posting=cfg.max_posting)
+    nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
     train = data.parts["train"]
     val = {**data.validation("val"), "neighbors": nn["val"]}
     state = _restore()
@@ -189,7 +192,7 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
     storage.write_text(storage.join(out, RESULTS_FILE), table.to_csv(index=False), endpoint_url)
     if table["best_val_map"].isna().all():
         first = next((e for e in table["error"] if e), "no trial reported a validation mAP")
-        raise RuntimeError(f"every trial of the sweep failed (see {storage.join(out, RESULTS_FILE)} and {path}): {first}")
+        raise SweepFailed(f"every trial of the sweep failed (see {storage.join(out, RESULTS_FILE)} and {path}): {first}")
     plot = plot_sweep(table, sweep, out)
     best = results.get_best_result(metric=sweep.metric, mode="max", scope="all")
     summary = {"head": sweep.head, "trials": len(table), "errored_trials": len(errors), "concurrent_trials": concurrent,
@@ -223,8 +226,14 @@ def results_table(results, sweep: TuneConfig):
         maps = history[sweep.metric].to_numpy() if history is not None and sweep.metric in history else np.array([])
         rows.append({**_settings(r.config, sweep), "best_val_map": float(maps.max()) if len(maps) else math.nan,
                      "last_val_map": float(maps[-1]) if len(maps) else math.nan, "epochs_run": int(len(maps)),
-                     "error": None if r.error is None else str(r.error).splitlines()[0][:200], "trial": r.path})
+                     "error": None if r.error is None else _error_line(r.error), "trial": r.path})
     return pd.DataFrame(rows).sort_values("best_val_map", ascending=False, na_position="last")
+
+
+def _error_line(error: BaseException) -> str:
+    """The trial's own exception ("ValueError: …"): the last line of Ray's wrapped traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def plot_sweep(table, sweep: TuneConfig, out: str) -> str | None:
@@ -286,8 +295,7 @@ def _best_report(model, state: dict, cfg, data: SweepData, sweep: TuneConfig) ->
         from tagray.heads.neighborhood import neighborhood_scores
 
         parts = list(data.parts.values())
-        nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg.metadata, cfg.tau,
-                                cfg.max_rank, progress=False, max_posting=cfg.max_posting)
+        nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
         test = data.parts["test"]
         scores = neighborhood_scores(model, torch.from_numpy(test.x), nn["test"], cfg.m, cfg.test_samples, cfg.seed)
         return neighbors_report(scores.numpy(), test, nn["test"], data.parts["train"], cfg.target, data.tags)
