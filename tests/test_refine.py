@@ -20,6 +20,8 @@ from tagray.heads.refine import (
     RefineConfig,
     RefineNet,
     dynamic_batch,
+    make_optimizers,
+    refine_step,
     semantic_dependency,
     semantic_dependency_pairs,
     tag_laplacian,
@@ -119,7 +121,47 @@ def test_candidates_and_algorithm_1() -> None:
         assert sorted(batch[3 * j + 1 : 3 * j + 3]) == sorted(expected)
 
 
+def _step_grads(model: RefineNet, x, g, lap, cfg, world: int) -> list[torch.Tensor]:
+    refine_step(model, model, torch.optim.SGD(model.parameters(), lr=0.0), x, g, lap, cfg, world)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_a_step_split_over_workers_is_the_whole_batch_step() -> None:
+    # DDP averages the workers' gradients; L_sem and L_err sum over the batch, so each worker
+    # scales them by the world size. Two workers holding identical halves must then step as one
+    # process on the whole batch (L_vis, a mean over groups, is the same on a half and the whole).
+    torch.manual_seed(0)
+    cfg = RefineConfig(batch_size=8, m=4, max_rank=4, lambda1=2.0, lambda2=0.5)
+    model = RefineNet(5, 3, hidden=6)
+    x, g = torch.randn(4, 5), (torch.rand(4, 3) > 0.5).float()
+    lap = tag_laplacian(torch.rand(3, 3))
+    whole = _step_grads(model, torch.cat([x, x]), torch.cat([g, g]), lap, cfg, world=1)
+    half = _step_grads(model, x, g, lap, cfg, world=2)
+    for a, b in zip(whole, half, strict=True):
+        torch.testing.assert_close(a, b)
+    unscaled = _step_grads(model, x, g, lap, cfg, world=1)
+    assert not all(torch.allclose(a, b) for a, b in zip(whole, unscaled, strict=True))
+
+
+def test_visual_layers_train_and_the_classifier_stays_phi0s() -> None:
+    torch.manual_seed(0)
+    model = RefineNet(5, 3, hidden=6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, g = torch.randn(8, 5), (torch.rand(8, 3) > 0.5).float()
+    lap = tag_laplacian(torch.rand(3, 3))
+    for layers, moved in (("visual", {"visual.0.weight", "visual.0.bias"}),
+                          ("all", {"visual.0.weight", "visual.0.bias", "out.weight", "out.bias"})):
+        model.load_state_dict(before)
+        cfg = RefineConfig(batch_size=8, m=4, max_rank=4, lr=0.5, train_layers=layers)
+        _, opt, _ = make_optimizers(model, cfg)
+        refine_step(model, model, opt, x, g, lap, cfg)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        assert changed == moved, layers
+
+
 def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="train_layers must be one of"):
+        RefineConfig(train_layers="classifier")
     with pytest.raises(ConfigError, match="multiple of m"):
         RefineConfig(batch_size=60, m=8)
     with pytest.raises(ConfigError, match="λ1, λ2, α"):

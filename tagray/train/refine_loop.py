@@ -111,7 +111,7 @@ def refine_train_loop(config: dict) -> None:
         rows = []
         for step in range(steps):
             batch = dynamic_batch(model, x_all, mine[step * groups : (step + 1) * groups], candidates, cfg.m)
-            rows.append(refine_step(model, forward, opt, x_all[batch], g_all[batch], laplacian, cfg))
+            rows.append(refine_step(model, forward, opt, x_all[batch], g_all[batch], laplacian, cfg, world))
         schedule.step()
         metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         finish_epoch(epoch, {"epoch": epoch, **metrics, "epoch_seconds": time.perf_counter() - t0})
