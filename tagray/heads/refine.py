@@ -203,7 +203,7 @@ def make_optimizers(model: RefineNet, cfg: RefineConfig):
     """(ϕ0's Adam over every layer, the refinement's SGD with its step schedule over the layers
     `cfg.train_layers` names). With "visual", L_final moves only the visual features and ϕ0's
     classifier keeps each tag's scale: per-tag refinement mAP rises as much as when every layer
-    trains, while the per-image ranking across tags (miAP) falls far less (BENCHMARKS.md)."""
+    trains, while the per-image ranking across tags (miAP) falls far less (README, refinement)."""
     init = torch.optim.Adam(model.parameters(), lr=cfg.init_lr)
     trained = model.visual.parameters() if cfg.train_layers == "visual" else model.parameters()
     sgd = torch.optim.SGD(trained, lr=cfg.lr, momentum=cfg.momentum)
