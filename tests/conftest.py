@@ -97,3 +97,31 @@ def demo_run(ray_local, tmp_path_factory):
         rc = cli.main(["demo", "--images", "160", "--epochs", "3", "--out", str(out), "--port", str(_free_port())])
     assert rc == 0, buf.getvalue()[-3000:]
     return out, buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def serve_bucket(s3_endpoint):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="serve-images")
+    return s3_endpoint, "serve-images"
+
+
+@pytest.fixture(scope="session")
+def serve_app(demo_run, serve_bucket):
+    """The Serve app over HTTP on loopback, on the demo's calibrated RLR model and its index;
+    shared by tests/test_serve*.py (a test that deploys another model puts this one back)."""
+    from ray import serve
+
+    from tagray.commands.serve import start
+    from tagray.data.schema import read_manifest
+
+    out, _ = demo_run
+    endpoint, bucket = serve_bucket
+    args = {"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_rlr"), "buckets": [bucket],
+            "endpoint_url": endpoint, "max_image_bytes": 200_000, "batch_size": 8, "batch_wait_s": 0.02}
+    url = start(args, "127.0.0.1", _free_port())
+    manifest = read_manifest(str(out / "manifest_split.parquet"))
+    yield {"url": url, "out": out, "args": args, "endpoint": endpoint, "bucket": bucket,
+           "uris": manifest.column("uri").to_pylist()[:20]}
+    serve.shutdown()

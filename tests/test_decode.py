@@ -84,3 +84,57 @@ def test_weights_file_loaded_and_checked(tmp_path):
         build_backbone("resnet50", state)
     with pytest.raises(FileNotFoundError, match="weights file .*nope.pth not found"):
         read_weights(str(tmp_path / "nope.pth"))
+
+
+def test_crop_box_is_resize_then_centre_crop():
+    """Resampling the source region equals torchvision's Resize(shorter side) + CenterCrop."""
+    from PIL import Image
+
+    from tagray.features.decode import crop_box
+    from tests.images import _save
+
+    rng = np.random.default_rng(3)
+    arr = (rng.random((90, 240, 3)) * 40 + np.linspace(0, 200, 240)[None, :, None]).astype(np.uint8)
+    img = Image.fromarray(arr)
+    ours = decode(_save(img, "PNG"), 64, 72, 10**8).astype(float)
+    scale = 72 / 90
+    big = img.resize((round(240 * scale), 72), Image.Resampling.BILINEAR)
+    left, top = (big.width - 64) // 2, (big.height - 64) // 2
+    reference = np.asarray(big.crop((left, top, left + 64, top + 64)), dtype=float)
+    assert np.abs(ours - reference).mean() < 3.0  # same region, same filter: sub-pixel offsets only
+    assert crop_box(240, 90, 64, 72) == pytest.approx((80.0, 5.0, 160.0, 85.0))
+    assert crop_box(1, 30000, 224, 256) == pytest.approx((0.0625, 14999.5625, 0.9375, 15000.4375))
+
+
+_PROBE = """
+import resource, sys
+from tests.hostile import HOSTILE_IMAGES
+from tagray.features.decode import ImageError, decode
+data = HOSTILE_IMAGES[sys.argv[1]]()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode(data, 224, 256, 40_000_000)
+    outcome = "decoded"
+except ImageError as e:
+    outcome = e.stage
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, outcome)
+"""
+
+
+@pytest.mark.parametrize("name", ["1x8000.png", "8000x1.png", "1x30000.png", "30000x2.jpg", "deep16_6000.png",
+                                  "bomb.png", "truncated.jpg", "mutated.jpg"])
+def test_hostile_images_cost_the_output_not_the_aspect_ratio(name):
+    """Peak memory of decoding one hostile image in a fresh process: bounded by the header's
+    pixel count and the output, whatever the aspect ratio or bit depth (before: 1×8000 took
+    +2.0 GB, 1×30000 +7.8 GB, a 6000² 16-bit PNG +549 MB)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _PROBE, name], capture_output=True, text=True, cwd=root,
+                         timeout=120, check=True).stdout.split()
+    grown_mb, outcome = int(out[0]), out[1]
+    bound = 120 if name.startswith("deep16") else 40  # the 16-bit one holds its 72 MB of pixels once
+    assert grown_mb < bound, f"{name}: +{grown_mb} MB"
+    assert outcome == ("decode" if name in ("bomb.png", "truncated.jpg", "mutated.jpg") else "decoded")

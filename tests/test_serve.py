@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,54 +14,13 @@ import pytest
 import requests
 
 from tagray.data import storage
-from tagray.data.schema import read_manifest
 from tagray.serve.service import SearchService, ServeConfig, TaggingService
+from tests.serving import error_of, tag_request, wait_for
 
 
-def _wait_for(check, what: str, timeout: float = 120.0):
-    """Polls `check` until it returns a truthy value (bounded), returning it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def app(demo_run, s3_bucket_module):
-    from ray import serve
-
-    from tagray.commands.serve import start
-    from tests.conftest import free_port
-
-    out, _ = demo_run
-    endpoint, bucket = s3_bucket_module
-    args = {"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_rlr"), "buckets": [bucket],
-            "endpoint_url": endpoint, "max_image_bytes": 200_000, "batch_size": 8, "batch_wait_s": 0.02}
-    url = start(args, "127.0.0.1", free_port())
-    manifest = read_manifest(str(out / "manifest_split.parquet"))
-    yield {"url": url, "out": out, "args": args, "endpoint": endpoint, "bucket": bucket,
-           "uris": manifest.column("uri").to_pylist()[:20]}
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def s3_bucket_module(s3_endpoint):
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="serve-images")
-    return s3_endpoint, "serve-images"
-
-
-def _tag(app, data: bytes, k: int = 5, **params) -> requests.Response:
-    return requests.post(f"{app['url']}v1/tag", params={"k": k, **params},
-                         files={"file": ("photo.jpg", data, "image/jpeg")}, timeout=60)
+@pytest.fixture
+def app(serve_app):
+    return serve_app
 
 
 @pytest.mark.integration
@@ -70,7 +28,7 @@ def test_tag_and_search_answer_what_the_services_compute(app):
     cfg = ServeConfig(**{k: v for k, v in app["args"].items() if k not in ("buckets",)})
     tagging = TaggingService(app["args"]["model"], cfg)
     data = storage.read_bytes(app["uris"][0])
-    r = _tag(app, data, k=5)
+    r = tag_request(app, data, k=5)
     assert r.status_code == 200, r.text
     tags = r.json()["tags"]
     expected = tagging.tag([tagging.decode(data)], [5], [0.0])[0]
@@ -79,7 +37,7 @@ def test_tag_and_search_answer_what_the_services_compute(app):
     assert all(0 <= t["p_user"] <= 1 and 0 <= t["p_true"] <= 1 for t in tags)
     assert [t["p_true"] for t in tags] == sorted((t["p_true"] for t in tags), reverse=True)
     # threshold keeps only tags at or above it
-    high = _tag(app, data, k=5, threshold=tags[1]["p_true"]).json()["tags"]
+    high = tag_request(app, data, k=5, threshold=tags[1]["p_true"]).json()["tags"]
     assert len(high) >= 1 and all(t["p_true"] >= tags[1]["p_true"] for t in high)
 
     search = SearchService(app["args"]["model"], app["args"]["index"], cfg)
@@ -98,7 +56,10 @@ def test_tag_and_search_answer_what_the_services_compute(app):
 
     assert requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][: len(tagging.tags)] == tagging.tags
     model = requests.get(f"{app['url']}v1/model", timeout=30).json()
-    assert model["model"] == app["args"]["model"] and model["head"] == "rlr" and model["calibrated"]
+    assert model["model"] == "model_rlr_calibrated" and model["head"] == "rlr" and model["calibrated"]
+    assert model["tagging"] and model["search"]
+    health = requests.get(f"{app['url']}healthz", timeout=30).text
+    assert str(app["out"]) not in health and str(app["out"]) not in json.dumps(model)  # no server paths
     assert requests.get(f"{app['url']}docs", timeout=30).status_code == 200
     assert "/v1/tag" in requests.get(f"{app['url']}openapi.json", timeout=30).json()["paths"]
     page = requests.get(app["url"], timeout=30)
@@ -116,7 +77,7 @@ def test_s3_uris_only_from_configured_buckets(app):
         Bucket=app["bucket"], Key="photos/one.jpg", Body=data)
     by_uri = requests.post(f"{app['url']}v1/tag", json={"uri": f"s3://{app['bucket']}/photos/one.jpg"}, timeout=60)
     assert by_uri.status_code == 200, by_uri.text
-    assert by_uri.json()["tags"] == _tag(app, data).json()["tags"]
+    assert by_uri.json()["tags"] == tag_request(app, data).json()["tags"]
     for uri, status, words in [
         ("s3://other-bucket/photos/one.jpg", 400, "not among the configured buckets"),
         ("https://example.com/photo.jpg", 400, "never http(s) URLs"),
@@ -124,7 +85,7 @@ def test_s3_uris_only_from_configured_buckets(app):
         (f"s3://{app['bucket']}/photos/missing.jpg", 400, "no such object"),
     ]:
         r = requests.post(f"{app['url']}v1/tag", json={"uri": uri}, timeout=60)
-        assert r.status_code == status and words in r.json()["error"], (uri, r.text)
+        assert r.status_code == status and words in error_of(r)["message"], (uri, r.text)
 
 
 @pytest.mark.integration
@@ -132,12 +93,20 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_the_app_keeps_serving(app):
     good = storage.read_bytes(app["uris"][2])
     known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
     cases = [
-        (_tag(app, b"hello, not an image"), 400, "not an image"),
-        (_tag(app, good[: len(good) // 3]), 400, "corrupt image"),
-        (_tag(app, b"\xff" * 300_000), 413, "over the limit"),
-        (_tag(app, good, k=1000), 422, "k must be in [1, 100]"),
+        (tag_request(app, b"hello, not an image"), 400, "not an image"),
+        (tag_request(app, good[: len(good) // 3]), 400, "corrupt image"),
+        (tag_request(app, b"\xff" * 300_000), 413, "the limit is an image of at most 200000 bytes"),
+        (tag_request(app, good, k=1000), 422, "k must be in [1, 100]"),
         (requests.post(f"{app['url']}v1/tag", data=b"raw", headers={"content-type": "image/jpeg"}, timeout=30),
-         400, "unsupported content type"),
+         415, "unsupported content type"),
+        (requests.post(f"{app['url']}v1/tag", json={"uri": None}, timeout=30), 422, "uri: Input should be a valid string"),
+        (requests.post(f"{app['url']}v1/tag", json={"uri": "s3://x/y", "extra": 1}, timeout=30), 422, "extra"),
+        (tag_request(app, good, threshold="nan"), 422, "threshold"),
+        (tag_request(app, good, k="many"), 422, "k: Input should be a valid integer"),
+        (requests.get(f"{app['url']}v1/search", params={"q": "x" * 5000}, timeout=30), 422, "q: String should have at most"),
+        (requests.get(f"{app['url']}v1/search", params={"q": "zz" * 200}, timeout=30), 422, "…'"),
+        (requests.get(f"{app['url']}v1/nowhere", timeout=30), 404, "Not Found"),
+        (requests.delete(f"{app['url']}v1/tag", timeout=30), 405, "Method Not Allowed"),
         (requests.post(f"{app['url']}v1/tag", files={"other": ("x", b"1")}, timeout=30), 400, "without a `file` field"),
         (requests.post(f"{app['url']}v1/tag", data=b"{nope", headers={"content-type": "application/json"}, timeout=30),
          400, "not valid JSON"),
@@ -146,17 +115,17 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_the_app_keeps_serving(app):
         (requests.get(f"{app['url']}v1/search", params={"q": ""}, timeout=30), 422, "empty query"),
     ]
     for r, status, words in cases:
-        assert r.status_code == status and words in r.json()["error"], (status, words, r.status_code, r.text)
+        assert r.status_code == status and words in error_of(r)["message"], (status, words, r.status_code, r.text)
     assert requests.get(f"{app['url']}healthz", timeout=30).status_code == 200
-    assert _tag(app, good).status_code == 200
+    assert tag_request(app, good).status_code == 200
 
 
 @pytest.mark.integration
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app):
     images = [storage.read_bytes(u) for u in app["uris"][:16]]
-    single = [_tag(app, d, k=3).json()["tags"] for d in images]
+    single = [tag_request(app, d, k=3).json()["tags"] for d in images]
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda d: _tag(app, d, k=3), images))
+        together = list(pool.map(lambda d: tag_request(app, d, k=3), images))
     assert all(r.status_code == 200 for r in together)
     for alone, r in zip(single, together, strict=True):
         assert [t["tag"] for t in r.json()["tags"]] == [t["tag"] for t in alone]
@@ -180,8 +149,8 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     features, _ = read_features(str(app["out"] / "features"))
     save_prediction_index(build_prediction_index(load_model(new_model), features, None, new_model), new_index)
     serve.run(build_app({**app["args"], "model": new_model, "index": new_index}), name="tagray", route_prefix="/")
-    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == new_model
-    assert _tag(app, data).status_code == 200
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == "model_rlr"
+    assert tag_request(app, data).status_code == 200
     # The embedding head: open-vocabulary search through its faiss index, same answers as the demo's.
     embed = {**app["args"], "model": str(app["out"] / "model_embed"), "index": str(app["out"] / "index_embed")}
     serve.run(build_app(embed), name="tagray", route_prefix="/")
@@ -191,30 +160,24 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
         r = requests.get(f"{app['url']}v1/search", params={"q": query, "k": 5}, timeout=30)
         assert r.status_code == 200, r.text
         assert [i["image_id"] for i in r.json()["images"]] == [h["image_id"] for h in hits]
-    assert _tag(app, data).status_code == 200
+    assert tag_request(app, data).status_code == 200
     serve.run(build_app(app["args"]), name="tagray", route_prefix="/")  # and back
-    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == app["args"]["model"]
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == "model_rlr_calibrated"
 
-    tagger = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Tagger" in (a.class_name or "")]
+    tagger = [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]) if "Tagger" in (a.class_name or "")]
     assert tagger, "no Tagger replica found"
     ray.kill(ray.get_actor(tagger[0].name, namespace=tagger[0].ray_namespace), no_restart=True)
-    _wait_for(lambda: _tag(app, data).status_code == 200, "a replacement Tagger replica")
+    wait_for(lambda: tag_request(app, data).status_code == 200, "a replacement Tagger replica")
     assert requests.get(f"{app['url']}healthz", timeout=30).status_code == 200
 
 
 @pytest.mark.integration
 def test_page_searches_and_tags_in_headless_chromium(app, tmp_path):
     """The page at /, driven in Debian's headless Chromium (Selenium + chromedriver)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver = _chromium()
     try:
         driver.get(app["url"])
         wait = WebDriverWait(driver, 60)
@@ -232,7 +195,7 @@ def test_page_searches_and_tags_in_headless_chromium(app, tmp_path):
         driver.find_element(By.ID, "file").send_keys(photo)
         rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag"))
         assert 1 <= len(rows) <= 8
-        expected = _tag(app, storage.read_bytes(photo), k=8).json()["tags"]
+        expected = tag_request(app, storage.read_bytes(photo), k=8).json()["tags"]
         assert rows[0].find_elements(By.TAG_NAME, "td")[0].text == expected[0]["tag"]
         shot = tmp_path / "page.png"
         driver.save_screenshot(str(shot))
@@ -264,3 +227,164 @@ def test_serve_refuses_a_missing_model_a_foreign_index_and_bad_settings(demo_run
         from_dict(ServeConfig, {"batch_size": 0}, "args")
     assert cli.main(["serve", "--model", str(out / "no_such_model")]) == 2
     assert "not a tagray model" in capsys.readouterr().err
+
+
+def _model_copy(src: Path, dst: Path, rename: dict[str, str] | None = None, backbone: dict | None = None) -> str:
+    """A copy of a model directory with some tags renamed (vocabulary and model.json) or another
+    backbone identity: the same weights, so the demo's index still belongs to it."""
+    import shutil
+
+    from tagray.data.normalize import Vocabulary
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "model.json").read_text())
+    if rename:
+        vocab = Vocabulary.load(str(dst))
+        renamed = Vocabulary(tuple(rename.get(t, t) for t in vocab.tags), vocab.counts, vocab.normalizer)
+        renamed.save(str(dst))
+        meta["vocabulary_version"] = renamed.version
+        if isinstance(meta.get("tags"), list):
+            meta["tags"] = [rename.get(t, t) for t in meta["tags"]]
+    if backbone is not None:
+        meta["backbone"] = backbone
+    (dst / "model.json").write_text(json.dumps(meta))
+    return str(dst)
+
+
+@pytest.mark.integration
+def test_tagging_only_and_a_model_of_external_features(app, tmp_path):
+    """Without an index the app tags and /v1/search is a 503 naming the missing index; a model of
+    features from elsewhere searches but refuses /v1/tag with a 409 (no backbone to run)."""
+    from ray import serve
+
+    from tagray.serve.app import build_app
+
+    data = storage.read_bytes(app["uris"][0])
+    try:
+        serve.run(build_app({**app["args"], "index": None}), name="tagray", route_prefix="/")
+        assert tag_request(app, data).status_code == 200
+        r = requests.get(f"{app['url']}v1/search", params={"q": "x"}, timeout=30)
+        assert r.status_code == 503 and error_of(r)["code"] == "no_index" and "--index" in error_of(r)["message"]
+        assert requests.get(f"{app['url']}v1/model", timeout=30).json()["search"] is False
+
+        dim = json.loads((Path(app["args"]["model"]) / "model.json").read_text())["backbone"]["dim"]
+        external = _model_copy(Path(app["args"]["model"]), tmp_path / "external", backbone={
+            "kind": "external", "name": "clip-from-elsewhere", "dim": dim, "source": "features.npy",
+            "source_digest": "sha256:" + "0" * 64})
+        serve.run(build_app({**app["args"], "model": external}), name="tagray", route_prefix="/")
+        r = tag_request(app, data)
+        assert r.status_code == 409 and error_of(r)["code"] == "no_backbone" and "clip-from-elsewhere" in r.text
+        known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
+        r = requests.get(f"{app['url']}v1/search", params={"q": known, "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["images"]) == 3, r.text
+        assert requests.get(f"{app['url']}v1/model", timeout=30).json()["tagging"] is False
+    finally:
+        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
+    assert tag_request(app, data).status_code == 200
+
+
+@pytest.mark.integration
+def test_page_shows_html_in_tags_as_text_and_runs_no_script(app, tmp_path):
+    """Tags are unfiltered user input: a tag holding HTML is shown as text by the page, in
+    headless Chromium, and no script of it runs (textContent everywhere, and a CSP)."""
+    from ray import serve
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tagray.serve.app import build_app
+
+    photo = app["uris"][5]
+    top = [t["tag"] for t in tag_request(app, storage.read_bytes(photo), k=8).json()["tags"]]
+    payloads = ['<img src=x onerror="window.__pwned=1">', "<script>window.__pwned=2</script>"]
+    hostile = _model_copy(Path(app["args"]["model"]), tmp_path / "hostile", rename=dict(zip(top[:2], payloads, strict=True)))
+    page = requests.get(app["url"], timeout=30)
+    csp = page.headers["Content-Security-Policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+    driver = _chromium()
+    try:
+        serve.run(build_app({**app["args"], "model": hostile}), name="tagray", route_prefix="/")
+        assert tag_request(app, storage.read_bytes(photo), k=2).json()["tags"][0]["tag"] == payloads[0]
+        driver.get(app["url"])
+        wait = WebDriverWait(driver, 60)
+        driver.find_element(By.ID, "file").send_keys(photo)
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag"))
+        assert [r.find_elements(By.TAG_NAME, "td")[0].text for r in rows[:2]] == payloads
+        driver.find_element(By.ID, "q").send_keys(payloads[1] + ",<b>bold</b>")
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        wait.until(lambda d: d.find_element(By.ID, "search-status").text not in ("", "searching…"))
+        assert driver.execute_script("return window.__pwned === undefined")
+        assert driver.execute_script("return document.querySelectorAll('#tags img, #tags script, #search-status b')"
+                                     ".length") == 0
+    finally:
+        driver.quit()
+        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
+
+
+def _chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1400"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+
+
+@pytest.mark.integration
+def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
+    from ray import serve
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tagray.serve.app import build_app
+    from tagray.serve.auth import entry_for, new_key
+
+    reader, writer = new_key(), new_key()
+    keys = [entry_for(reader, ["read"]), entry_for(writer, ["write"])]
+    data = storage.read_bytes(app["uris"][0])
+    known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
+
+    def get(path: str, key: str | None = None, **params) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.get(f"{app['url']}{path}", params=params, headers=headers, timeout=30)
+
+    driver = _chromium()
+    try:
+        serve.run(build_app({**app["args"], "api_keys": keys}), name="tagray", route_prefix="/")
+        assert get("healthz").status_code == 200 and get("").status_code == 200  # probes and the page stay open
+        for path in ("v1/tags", "v1/model", "v1/search"):
+            r = get(path, q=known)
+            assert r.status_code == 401 and error_of(r)["code"] == "unauthorized", (path, r.text)
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert tag_request(app, data).status_code == 401
+        assert get("v1/search", "tgr_not-a-key", q=known).status_code == 401
+        r = get("v1/search", writer, q=known)
+        assert r.status_code == 403 and error_of(r)["code"] == "forbidden"
+        assert get("v1/search", reader, q=known, k=3).status_code == 200
+        r = requests.post(f"{app['url']}v1/tag", headers={"Authorization": f"Bearer {reader}"},
+                          files={"file": ("p.jpg", data, "image/jpeg")}, timeout=60)
+        assert r.status_code == 200, r.text
+
+        driver.get(app["url"])  # the page asks for the key, then works with it
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        driver.find_element(By.ID, "key").send_keys(reader)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(lambda d: "tags" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "q").send_keys(known)
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "figure.result"))
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('figure.result img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+        serve.run(build_app({**app["args"], "api_keys": keys, "rate_limit_per_s": 0.5, "rate_limit_burst": 3}),
+                  name="tagray", route_prefix="/")
+        statuses = [get("v1/tags", reader).status_code for _ in range(5)]
+        assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429, statuses
+        r = get("v1/tags", reader)
+        assert r.status_code == 429 and error_of(r)["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
+        assert get("v1/tags", writer).status_code == 403  # the other key's bucket is untouched
+    finally:
+        driver.quit()
+        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")

@@ -12,7 +12,8 @@ from tagray.config import ConfigError, load_yaml, parse_overrides
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray serve", description=__doc__)
     p.add_argument("--model", default=None, help="model directory (lr/rlr, calibrated or not, or embed)")
-    p.add_argument("--index", default=None, help="index directory from `tagray index` (enables /v1/search)")
+    p.add_argument("--index", default=None,
+                   help="index directory from `tagray index` (enables /v1/search; without it search answers 503)")
     p.add_argument("--config", default=None, help="a Serve config (serve_configs/tagray.yaml): its app's args")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -37,22 +38,29 @@ def check_deployable(args: dict) -> None:
     error instead of a deployment that fails inside Serve."""
     from tagray.config import from_dict
     from tagray.heads.models import load_image_tagger
+    from tagray.serve.app import keyring_of
     from tagray.serve.index import check_index_matches, read_index_meta
     from tagray.serve.service import ServeConfig
 
     cfg = from_dict(ServeConfig, dict(args), "serve args")
+    try:
+        keyring_of(cfg)  # the environment's key entries, refused here rather than in a replica
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     head = load_image_tagger(cfg.model, cfg.endpoint_url)
     if cfg.index:
         check_index_matches(read_index_meta(cfg.index, cfg.endpoint_url), head, cfg.index)
 
 
-def start(args: dict, host: str, port: int):
-    """Checks the model and index, starts Serve's HTTP proxy and deploys the app; returns its URL."""
+def start(args: dict, host: str, port: int, checked: bool = False):
+    """Checks the model and index (unless `checked`), starts Serve's HTTP proxy and deploys the
+    app; returns its URL."""
     from ray import serve
 
     from tagray.serve.app import build_app
 
-    check_deployable(args)
+    if not checked:
+        check_deployable(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name="tagray", route_prefix="/")
     return f"http://{host}:{port}/"
@@ -68,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
             settings[key] = value
     if args.bucket:
         settings["buckets"] = args.bucket
-    if "model" not in settings:
+    if not settings.get("model"):
         raise ConfigError("give --model MODEL (or a --config whose args name one)")
+    check_deployable(settings)  # a wrong path or setting is one line, before Ray starts
     from tagray.runtime import init_ray
 
     init_ray(args.ray_address)
-    url = start(settings, args.host, args.port)
+    url = start(settings, args.host, args.port, checked=True)
     print(f"serving {settings['model']} at {url}  (API docs: {url}docs; Ctrl-C stops)", flush=True)
     try:
         threading.Event().wait()

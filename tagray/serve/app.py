@@ -9,8 +9,10 @@ Searcher deployment. The work itself is in tagray/serve/service.py.
     GET  /docs          OpenAPI
 
 Images are decoded in the Tagger replica (in a thread, before batching); `@serve.batch`
-then groups up to `batch_size` decoded images into one backbone + head call. A request's
-own mistakes come back as 4xx JSON `{"error": "..."}`, never as a 500. A new model is rolled
+then groups up to `batch_size` decoded images into one backbone + head call. Requests are
+typed (pydantic models below); bodies are capped while they stream in (serve/limits.py); every
+error has one shape, `{"error": {"code", "message"}}` (serve/errors.py): 4xx for a request's own
+mistakes, 502/503/504 for a store or replica that failed (a dead replica is retried once). A new model is rolled
 out with `user_config` (`serve deploy` with a changed `model`/`index`, or
 `serve.run(... user_config=...)`): `reconfigure` loads it while the old one keeps serving.
 
@@ -22,14 +24,20 @@ out with `user_config` (`serve deploy` with a changed `model`/`index`, or
 import asyncio
 import dataclasses
 import logging
+import os
+from typing import Annotated
 
-from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from tagray.config import from_dict, to_dict
+from tagray.serve import errors
+from tagray.serve.auth import KeyRing, parse_entries, split_env
+from tagray.serve.errors import RequestError, raise_if_error
+from tagray.serve.limits import BodyLimitMiddleware, BodyLimits, media_type
 from tagray.serve.service import (
-    RequestError,
     SearchService,
     ServeConfig,
     TaggingService,
@@ -40,21 +48,105 @@ from tagray.serve.service import (
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="tagray", description="Image tagging and tag search learned from user tags (SPEC §5).")
+api.add_middleware(BodyLimitMiddleware)
+errors.install(api)
 
 
-@api.exception_handler(RequestError)
-async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=e.status, content={"error": e.message})
+class TagParams(BaseModel):
+    """Query of POST /v1/tag."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(5, ge=1, description="how many tags (at most the server's max_k)")
+    threshold: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="smallest P(z) returned")
 
 
-def _error(e: RequestError) -> dict:
-    return {"error": e.message, "status": e.status}
+class TagByUri(BaseModel):
+    """JSON body of POST /v1/tag: an object in one of the configured buckets."""
+
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(min_length=1, max_length=2048, description="s3://bucket/key")
 
 
-def _raise_if_error(result):
-    if isinstance(result, dict) and "error" in result and "status" in result:
-        raise RequestError(result["status"], result["error"])
-    return result
+class SearchParams(BaseModel):
+    """Query of GET /v1/search."""
+
+    model_config = ConfigDict(extra="forbid")
+    q: str = Field("", max_length=1024, description="comma-separated tags (or words, for an embed model)")
+    k: int = Field(20, ge=1, description="how many images (at most the server's max_k)")
+
+
+def _parse_json(model: type[BaseModel], body: bytes) -> BaseModel:
+    """A JSON body validated by pydantic's parser (which bounds nesting: `[`×50000 is an error,
+    not a RecursionError): not JSON → 400, JSON of the wrong shape → 422."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first.get("type") == "json_invalid":
+            raise RequestError(400, f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                               code="invalid_json") from None
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise RequestError(422, f"{where}: {first['msg']}") from None
+
+
+def _scope(scope: str):
+    """A route's API-key check (tagray/serve/auth.py), run before the route reads its body."""
+
+    async def check(request: Request) -> None:
+        ring = getattr(request.app.state, "keyring", None)
+        if ring is not None:
+            ring.authorize(request.headers.get("authorization"), scope)
+
+    return Depends(check)
+
+
+READ = [_scope("read")]
+
+
+def keyring_of(cfg: ServeConfig) -> KeyRing:
+    """The keys of the config and of its environment variable (read in the replica's process)."""
+    env = os.environ.get(cfg.api_keys_env, "")
+    keys = parse_entries(cfg.api_keys, "api_keys") + parse_entries(split_env(env), f"${cfg.api_keys_env}")
+    if not keys and cfg.require_api_keys:
+        raise ValueError(f"require_api_keys is set but no key entries were found in api_keys or ${cfg.api_keys_env}")
+    if not keys:
+        log.warning("serve: no API keys configured: every endpoint is open (set api_keys or $%s)", cfg.api_keys_env)
+    return KeyRing(keys, cfg.rate_limit_per_s, cfg.rate_limit_burst)
+
+
+# A replica that dies under a request (or is being replaced) is retried once on another one;
+# when that fails too the answer is 503 with Retry-After, never a plain-text 500.
+_REPLICA_GONE: tuple[type[BaseException], ...] = ()
+
+
+def _replica_errors() -> tuple[type[BaseException], ...]:
+    global _REPLICA_GONE
+    if not _REPLICA_GONE:
+        import ray.exceptions as rex
+
+        found = [rex.RayActorError]
+        for name in ("ActorUnavailableError", "ActorDiedError"):
+            if hasattr(rex, name):
+                found.append(getattr(rex, name))
+        try:
+            from ray.serve.exceptions import BackPressureError
+
+            found.append(BackPressureError)
+        except ImportError:  # older Serve
+            pass
+        _REPLICA_GONE = tuple(found)
+    return _REPLICA_GONE
+
+
+async def call(handle_method, what: str, *args):
+    """`await handle_method.remote(*args)`, retried once if the replica died; its RequestError raised."""
+    for attempt in (1, 2):
+        try:
+            return raise_if_error(await handle_method.remote(*args))
+        except _replica_errors() as e:
+            log.warning("%s replica unavailable (attempt %d): %s", what, attempt, type(e).__name__)
+    raise RequestError(503, f"the {what} replica is unavailable (being replaced); retry shortly",
+                       code="replica_unavailable", headers={"Retry-After": "2"})
 
 
 @serve.deployment(name="Tagger")
@@ -85,7 +177,7 @@ class Tagger:
         try:
             pixels = await asyncio.to_thread(self.service.decode, data)
         except RequestError as e:
-            return _error(e)
+            return e.to_dict()
         return await self.tag_batch((pixels, k, threshold))
 
     def tags(self) -> list[str]:
@@ -115,13 +207,13 @@ class Searcher:
         try:
             return self.service.search(self.service.terms(q), k)
         except RequestError as e:
-            return _error(e)
+            return e.to_dict()
 
     def image(self, image_id: str) -> bytes | dict:
         try:
             return self.service.image_bytes(image_id)
         except RequestError as e:
-            return _error(e)
+            return e.to_dict()
 
 
 @serve.deployment(name="Ingress")
@@ -130,77 +222,76 @@ class Ingress:
     def __init__(self, tagger, searcher, config: dict) -> None:
         self.tagger, self.searcher = tagger, searcher
         self.cfg = from_dict(ServeConfig, config, "serve config")
+        api.state.body_limits = BodyLimits(self.cfg.max_image_bytes, self.cfg.max_json_bytes)
+        api.state.keyring = keyring_of(self.cfg)
 
-    @api.post("/v1/tag")
-    async def tag(self, request: Request, k: int = Query(5, ge=1), threshold: float = Query(0.0, ge=0.0, le=1.0)) -> dict:
+    @api.post("/v1/tag", dependencies=READ)
+    async def tag(self, request: Request, params: Annotated[TagParams, Query()]) -> dict:
         """Tags of one image: multipart field `file`, or JSON {"uri": "s3://bucket/key"}."""
-        if k > self.cfg.max_k:
-            raise RequestError(422, f"k must be in [1, {self.cfg.max_k}], got {k}")
+        if params.k > self.cfg.max_k:
+            raise RequestError(422, f"k must be in [1, {self.cfg.max_k}], got {params.k}")
         data = await self._image_bytes(request)
-        tags = _raise_if_error(await self.tagger.tag.remote(data, k, threshold))
-        return {"tags": tags, "k": k, "threshold": threshold}
+        tags = await call(self.tagger.tag, "Tagger", data, params.k, params.threshold)
+        return {"tags": tags, "k": params.k, "threshold": params.threshold}
 
     async def _image_bytes(self, request: Request) -> bytes:
+        """The upload, or the object a JSON body names; the body's size is capped while it
+        streams in (tagray/serve/limits.py), so neither is read past its limit."""
         limit = self.cfg.max_image_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:  # room for multipart framing
-            raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} (+ 64 KiB)")
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
-                raise RequestError(400, "multipart request without a `file` field holding the image")
-            data = await upload.read(limit + 1)
+        kind = media_type(request.headers.get("content-type", ""))
+        if kind == "multipart/form-data":
+            async with request.form(max_files=1, max_fields=8) as form:
+                upload = form.get("file")
+                if upload is None or isinstance(upload, str):
+                    raise RequestError(400, "multipart request without a `file` field holding the image",
+                                       code="no_file")
+                data = await upload.read(limit + 1)
             if len(data) > limit:
                 raise RequestError(413, f"image over the limit of {limit} bytes")
             return data
-        if kind.startswith("application/json"):
-            body = await request.body()
-            if len(body) > 64 * 1024:
-                raise RequestError(413, "JSON body over 64 KiB")
-            try:
-                payload = await request.json()
-            except ValueError:
-                raise RequestError(400, "body is not valid JSON") from None
-            uri = payload.get("uri") if isinstance(payload, dict) else None
-            return await asyncio.to_thread(fetch_uri, uri, self.cfg)
-        raise RequestError(400, f"unsupported content type {kind or '(none)'!r}: send multipart/form-data with a "
-                                '`file` field, or JSON {"uri": "s3://bucket/key"}')
+        if kind == "application/json":
+            payload = _parse_json(TagByUri, await request.body())
+            return await asyncio.to_thread(fetch_uri, payload.uri, self.cfg)
+        raise RequestError(415, f"unsupported content type {errors.shown(kind or '(none)')}: send "
+                                'multipart/form-data with a `file` field, or JSON {"uri": "s3://bucket/key"}')
 
-    @api.get("/v1/search")
-    async def search(self, q: str = Query("", description="comma-separated tags"), k: int = Query(20)) -> dict:
+    def _searcher(self):
         if self.searcher is None:
-            raise RequestError(404, "search is not configured (no index): start with --index INDEX")
-        images = _raise_if_error(await self.searcher.search.remote(q, k))
-        return {"query": q, "images": images}
+            raise RequestError(503, "search is not available: this app was started without an index (build one "
+                                    "with `tagray index`, then start with --index INDEX)", code="no_index")
+        return self.searcher
 
-    @api.get("/v1/images/{image_id}", include_in_schema=False)
+    @api.get("/v1/search", dependencies=READ)
+    async def search(self, params: Annotated[SearchParams, Query()]) -> dict:
+        images = await call(self._searcher().search, "Searcher", params.q, params.k)
+        return {"query": params.q, "images": images}
+
+    @api.get("/v1/images/{image_id}", include_in_schema=False, dependencies=READ)
     async def image(self, image_id: str) -> Response:
         """An indexed image's bytes (thumbnails of the page); only images the index lists."""
-        if self.searcher is None:
-            raise RequestError(404, "no index configured")
-        data = _raise_if_error(await self.searcher.image.remote(image_id))
-        return Response(content=data, media_type="image/jpeg")
+        data = await call(self._searcher().image, "Searcher", image_id)
+        return Response(content=data, media_type="image/jpeg", headers={"X-Content-Type-Options": "nosniff"})
 
-    @api.get("/v1/tags")
+    @api.get("/v1/tags", dependencies=READ)
     async def tags(self) -> dict:
-        return {"tags": await self.tagger.tags.remote()}
+        return {"tags": await call(self.tagger.tags, "Tagger")}
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", dependencies=READ)
     async def model(self) -> dict:
-        return await self.tagger.model_info.remote()
+        info = await call(self.tagger.model_info, "Tagger")
+        return {**info, "search": self.searcher is not None}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
-        info = await self.tagger.model_info.remote()
+        info = await call(self.tagger.model_info, "Tagger")
         return {"status": "ok", "model": info["model"], "search": self.searcher is not None}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page(self) -> str:
-        from tagray.serve.page import PAGE
+    async def page(self) -> HTMLResponse:
+        from tagray.serve.page import CSP, PAGE
 
-        return PAGE
+        return HTMLResponse(PAGE, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+                                           "Referrer-Policy": "no-referrer"})
 
 
 def build_app(args: dict) -> serve.Application:
@@ -208,6 +299,10 @@ def build_app(args: dict) -> serve.Application:
     import os
 
     cfg = from_dict(ServeConfig, dict(args), "serve args")
+    if not cfg.model:
+        from tagray.config import ConfigError
+
+        raise ConfigError("serve args: no model (give model: DIR)")
     base = cfg.base_dir or os.getcwd()
     cfg = dataclasses.replace(cfg, base_dir=base, model=resolve(cfg.model, base),
                               index=resolve(cfg.index, base) if cfg.index else None)

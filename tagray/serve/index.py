@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from tagray import jsonio
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer
 from tagray.heads.embed_artifact import SavedEmbedHead
@@ -127,7 +128,7 @@ def save_image_index(index: ImageIndex, directory: str, endpoint_url: str | None
     schema.write_table(pa.table({"image_id": pa.array(index.image_ids, pa.string()),
                                  "uri": pa.array(index.uris, pa.string())}),
                        storage.join(directory, IMAGES_FILE), endpoint_url)
-    storage.write_text(storage.join(directory, META_FILE), json.dumps(index.meta, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, META_FILE), jsonio.dumps(index.meta, META_FILE, indent=1), endpoint_url)
     return directory
 
 
@@ -233,7 +234,7 @@ def save_prediction_index(index: PredictionIndex, directory: str, endpoint_url: 
     schema.write_table(pa.table({"image_id": pa.array(index.image_ids, pa.string()),
                                  "uri": pa.array(index.uris, pa.string())}),
                        storage.join(directory, IMAGES_FILE), endpoint_url)
-    storage.write_text(storage.join(directory, META_FILE), json.dumps(index.meta, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, META_FILE), jsonio.dumps(index.meta, META_FILE, indent=1), endpoint_url)
     return directory
 
 

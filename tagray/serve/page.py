@@ -1,20 +1,108 @@
-"""The page at GET /: type tags and see the matching images; drop a photo and see its tags."""
+"""The page at GET /: type tags and see the matching images; drop a photo and see its tags.
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tagray</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
+Everything the server sends back (tags are unfiltered user input; image ids and error
+messages quote it) is put on the page as text (`textContent`, element attributes set one by
+one), never as HTML; the Content-Security-Policy allows only this page's own script and style
+(by their SHA-256) and requests to its own origin, so even a missed spot could not run a script.
+When the app requires API keys the page asks for one (kept in sessionStorage) and sends it with
+every request; thumbnails are fetched with it and shown from blob: URLs.
+"""
+
+import base64
+import hashlib
+
+STYLE = """
  body { font-family: system-ui, sans-serif; margin: 1.5rem; max-width: 60rem; color: #222; }
  h1 { font-size: 1.4rem; margin: 0 0 1rem; } h2 { font-size: 1.1rem; margin: 1.5rem 0 .5rem; }
  input[type=text] { width: 22rem; padding: .4rem; font-size: 1rem; }
  button { padding: .4rem .9rem; font-size: 1rem; }
  #results { display: flex; flex-wrap: wrap; gap: .6rem; margin-top: .8rem; }
- figure { margin: 0; width: 9rem; font-size: .8rem; } figure img { width: 9rem; height: 9rem; object-fit: cover; background: #eee; }
+ figure { margin: 0; width: 9rem; font-size: .8rem; overflow-wrap: anywhere; }
+ figure img { width: 9rem; height: 9rem; object-fit: cover; background: #eee; }
  #drop { border: 2px dashed #999; padding: 1.2rem; text-align: center; border-radius: .5rem; }
  #drop.over { background: #eef; } .error { color: #b00; } table { border-collapse: collapse; margin-top: .6rem; }
  td, th { padding: .2rem .8rem; text-align: left; border-bottom: 1px solid #ddd; }
-</style></head><body>
+"""
+
+SCRIPT = """
+const $ = (id) => document.getElementById(id);
+let key = sessionStorage.getItem('tagray-key') || '';
+async function api(url, options = {}) {  // every request carries the API key, when there is one
+  const headers = new Headers(options.headers || {});
+  if (key) headers.set('Authorization', 'Bearer ' + key);
+  const r = await fetch(url, { ...options, headers });
+  if (r.status === 401) $('key-form').hidden = false;
+  return r;
+}
+$('key-form').addEventListener('submit', (e) => {
+  e.preventDefault(); key = $('key').value.trim(); sessionStorage.setItem('tagray-key', key);
+  $('key-form').hidden = true; loadModel();
+});
+function el(tag, props, ...children) {  // an element with text children only: never parsed as HTML
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (key === 'className') node.className = value; else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+function showError(target, message) { target.replaceChildren(el('span', { className: 'error' }, message)); }
+async function errorOf(r) {
+  try { const e = (await r.json()).error; return (e && (e.message || e)) || r.statusText; } catch { return r.statusText; }
+}
+async function loadModel() {
+  const r = await api('/v1/model');
+  if (r.ok) { const m = await r.json(); $('model').textContent = `${m.head} · ${m.tags} tags`; }
+}
+loadModel();
+$('search').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const q = $('q').value; $('results').replaceChildren(); $('search-status').textContent = 'searching…';
+  const r = await api('/v1/search?k=12&q=' + encodeURIComponent(q));
+  if (!r.ok) { showError($('search-status'), await errorOf(r)); return; }
+  const body = await r.json(); $('search-status').textContent = `${body.images.length} images`;
+  for (const im of body.images) {
+    const img = el('img', { alt: im.image_id });  // fetched with the key, shown from a blob: URL
+    api('/v1/images/' + encodeURIComponent(im.image_id)).then(r => r.ok ? r.blob() : null)
+      .then(b => { if (b) img.src = URL.createObjectURL(b); });
+    $('results').append(el('figure', { className: 'result' }, img,
+      el('figcaption', {}, im.image_id, el('br'), Number(im.score).toFixed(3))));
+  }
+});
+async function tagFile(file) {
+  $('tags').replaceChildren(); $('tag-status').textContent = 'tagging…';
+  const data = new FormData(); data.append('file', file);
+  const r = await api('/v1/tag?k=8', { method: 'POST', body: data });
+  if (!r.ok) { showError($('tag-status'), await errorOf(r)); return; }
+  const body = await r.json(); $('tag-status').textContent = file.name;
+  $('tags').append(el('tr', {}, el('th', {}, 'tag'), el('th', {}, 'P(in image)'), el('th', {}, 'P(user tags it)')));
+  for (const t of body.tags) {
+    $('tags').append(el('tr', { className: 'tag' }, el('td', {}, t.tag),
+      el('td', {}, Number(t.p_true).toFixed(3)), el('td', {}, Number(t.p_user).toFixed(3))));
+  }
+}
+$('file').addEventListener('change', (e) => { if (e.target.files.length) tagFile(e.target.files[0]); });
+const drop = $('drop');
+drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
+drop.addEventListener('dragleave', () => drop.classList.remove('over'));
+drop.addEventListener('drop', (e) => { e.preventDefault(); drop.classList.remove('over'); if (e.dataTransfer.files.length) tagFile(e.dataTransfer.files[0]); });
+"""
+
+
+def _sha256(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+CSP = (f"default-src 'none'; script-src {_sha256(SCRIPT)}; style-src {_sha256(STYLE)}; img-src 'self' blob:; "
+       "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+PAGE = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tagray</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>{STYLE}</style></head><body>
 <h1>tagray <small id="model"></small></h1>
+<form id="key-form" hidden>This server needs an API key:
+ <input id="key" type="password" autocomplete="off" placeholder="tgr_…"> <button type="submit">Use key</button></form>
 <h2>Search by tags</h2>
 <form id="search"><input id="q" type="text" placeholder="beach, sunset" autocomplete="off">
  <button type="submit">Search</button></form>
@@ -22,35 +110,5 @@ PAGE = """<!doctype html>
 <h2>Tag a photo</h2>
 <div id="drop">Drop a photo here, or <input id="file" type="file" accept="image/*"></div>
 <div id="tag-status"></div><table id="tags"></table>
-<script>
-const $ = (id) => document.getElementById(id);
-fetch('/v1/model').then(r => r.json()).then(m => { $('model').textContent = `${m.head} · ${m.tags} tags`; });
-async function errorOf(r) { try { return (await r.json()).error || r.statusText; } catch { return r.statusText; } }
-$('search').addEventListener('submit', async (e) => {
-  e.preventDefault();
-  const q = $('q').value; $('results').innerHTML = ''; $('search-status').textContent = 'searching…';
-  const r = await fetch('/v1/search?k=12&q=' + encodeURIComponent(q));
-  if (!r.ok) { $('search-status').innerHTML = `<span class="error">${await errorOf(r)}</span>`; return; }
-  const body = await r.json(); $('search-status').textContent = `${body.images.length} images`;
-  for (const im of body.images) {
-    const f = document.createElement('figure'); f.className = 'result';
-    f.innerHTML = `<img alt="${im.image_id}" src="/v1/images/${encodeURIComponent(im.image_id)}"><figcaption>${im.image_id}<br>${im.score.toFixed(3)}</figcaption>`;
-    $('results').appendChild(f);
-  }
-});
-async function tagFile(file) {
-  $('tags').innerHTML = ''; $('tag-status').textContent = 'tagging…';
-  const data = new FormData(); data.append('file', file);
-  const r = await fetch('/v1/tag?k=8', { method: 'POST', body: data });
-  if (!r.ok) { $('tag-status').innerHTML = `<span class="error">${await errorOf(r)}</span>`; return; }
-  const body = await r.json(); $('tag-status').textContent = file.name;
-  $('tags').innerHTML = '<tr><th>tag</th><th>P(in image)</th><th>P(user tags it)</th></tr>' + body.tags.map(
-    t => `<tr class="tag"><td>${t.tag}</td><td>${t.p_true.toFixed(3)}</td><td>${t.p_user.toFixed(3)}</td></tr>`).join('');
-}
-$('file').addEventListener('change', (e) => { if (e.target.files.length) tagFile(e.target.files[0]); });
-const drop = $('drop');
-drop.addEventListener('dragover', (e) => { e.preventDefault(); drop.classList.add('over'); });
-drop.addEventListener('dragleave', () => drop.classList.remove('over'));
-drop.addEventListener('drop', (e) => { e.preventDefault(); drop.classList.remove('over'); if (e.dataTransfer.files.length) tagFile(e.dataTransfer.files[0]); });
-</script></body></html>
+<script>{SCRIPT}</script></body></html>
 """

@@ -2,14 +2,16 @@
 directory's backbone and head, and search an index of the corpus. Testable in one process;
 tagray/serve/app.py wires it to HTTP and replicas.
 
-Errors a client caused are `RequestError`s carrying the HTTP status they map to, with a
-message naming the problem.
+Errors are `RequestError`s (tagray/serve/errors.py) carrying the HTTP status they map to and
+a message naming the problem: 4xx for what a client sent, 502/503/504 for a store that failed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,27 +20,22 @@ import torch
 from tagray.data import storage
 from tagray.features.backbone import build_backbone, read_weights
 from tagray.features.decode import ImageError, decode
+from tagray.serve.errors import RequestError, shown
+
+__all__ = ["RequestError", "SearchService", "ServeConfig", "TaggingService", "fetch_uri", "resolve"]
 
 log = logging.getLogger(__name__)
 
 
-class RequestError(Exception):
-    """A bad request: `status` is the HTTP status, the message says what was wrong."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str = "runs/demo/model_rlr_calibrated"  # model directory (lr/rlr, calibrated or not, or embed)
-    index: str | None = "runs/demo/index_rlr"  # index directory (tagray index) for /v1/search; None: no search
+    model: str = ""  # model directory (lr/rlr/refine, calibrated or not, or embed); required
+    index: str | None = None  # index directory (tagray index) for /v1/search; None: tagging only, search → 503
     weights: str | None = None  # backbone weights; default: the URI recorded in the model's backbone identity
     buckets: tuple[str, ...] = ()  # object-store buckets /v1/tag may read {"uri": "s3://bucket/key"} from
     endpoint_url: str | None = None  # S3-compatible endpoint for those reads
-    max_image_bytes: int = 10 * 2**20  # larger uploads or objects → 413
+    max_image_bytes: int = 10 * 2**20  # larger uploads or objects → 413 (enforced while the body streams)
+    max_json_bytes: int = 64 * 1024  # larger JSON (or other non-multipart) bodies → 413
     max_pixels: int = 40_000_000  # decompression-bomb guard → 400
     max_query_terms: int = 5  # more search terms → 422
     max_k: int = 100  # largest k of /v1/tag and /v1/search
@@ -50,16 +47,32 @@ class ServeConfig:
     num_gpus: float = 0.0  # per tagger replica
     torch_threads: int = 0  # per tagger replica; 0 = torch's default
     base_dir: str | None = None  # relative paths (model, index, image uris) resolve here; default: where the app was built
+    # API keys (tagray/serve/auth.py): `SCOPES:sha256:HEX` entries, hashes only (a plain key is refused);
+    # none here or in the environment variable = every endpoint open (the local demo)
+    api_keys: tuple[str, ...] = ()
+    api_keys_env: str = "TAGRAY_API_KEYS"  # more entries from this environment variable of the replicas
+    require_api_keys: bool = False  # refuse to start without any key (the cluster configs set it)
+    rate_limit_per_s: float = 0.0  # requests per second per key and Ingress replica (429 above); 0 = none
+    rate_limit_burst: int = 20  # requests a key may make at once before the rate applies
 
     def __post_init__(self) -> None:
         from tagray.config import ConfigError
 
-        if min(self.max_image_bytes, self.max_pixels, self.max_query_terms, self.max_k, self.batch_size,
+        if min(self.max_image_bytes, self.max_json_bytes, self.max_pixels, self.max_query_terms, self.max_k, self.batch_size,
                self.tagger_replicas, self.searcher_replicas) < 1:
-            raise ConfigError("max_image_bytes, max_pixels, max_query_terms, max_k, batch_size and the replica "
+            raise ConfigError("max_image_bytes, max_json_bytes, max_pixels, max_query_terms, max_k, batch_size and the replica "
                               "counts must be ≥ 1")
-        if self.batch_wait_s < 0 or self.tagger_cpus < 0 or self.num_gpus < 0 or self.torch_threads < 0:
-            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus and torch_threads must be ≥ 0")
+        numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus)
+        if not all(math.isfinite(x) and x >= 0 for x in numbers) or self.torch_threads < 0:
+            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus and torch_threads must be finite and ≥ 0")
+        if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0) or self.rate_limit_burst < 1:
+            raise ConfigError("rate_limit_per_s must be finite and ≥ 0, rate_limit_burst ≥ 1")
+        from tagray.serve.auth import parse_entries
+
+        try:
+            parse_entries(self.api_keys, "api_keys")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         bad = [b for b in self.buckets if not b or "/" in b or "://" in b]
         if bad:
             raise ConfigError(f"buckets are bucket names (no s3:// or /), got {bad}")
@@ -102,24 +115,36 @@ class TaggingService:
         self.cfg = cfg
         self.model_dir = model_dir
         self.head = load_image_tagger(model_dir, cfg.endpoint_url)
-        identity = self.head.backbone
-        if not identity:
-            raise ValueError(f"{model_dir}: no backbone identity (trained on features made outside `tagray featurize`)")
+        identity = self.head.backbone or {}
         self.identity = identity
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.device = torch.device("cuda" if cfg.num_gpus and torch.cuda.is_available() else "cpu")
-        self.backbone = load_backbone(identity, cfg.weights, cfg.endpoint_url).to(self.device)
+        # Features imported from elsewhere (`tagray features import`) have no backbone tagray can
+        # run on an upload: such a model searches its index but refuses POST /v1/tag (409).
+        self.computes_features = bool(identity) and identity.get("kind", "torchvision") != "external"
+        if self.computes_features:
+            self.backbone = load_backbone(identity, cfg.weights, cfg.endpoint_url).to(self.device)
+        else:
+            self.backbone = None
+            log.warning("serve: %s was trained on features tagray cannot compute (%s); POST /v1/tag is refused",
+                        model_dir, identity.get("name") or "no backbone identity")
         self.tagger = self.head.model.to(self.device).eval()
         self.tags = list(self.head.vocab.tags)
         # A calibrated model answers with its calibrated tags: only their P(z) is a probability
         # (an uncalibrated RLR P(z) = σ(s) of a rarely-tagged free tag is near 1 everywhere).
         calibrated = np.nonzero(np.asarray(self.head.calibrated))[0]
         self.candidates = calibrated if len(calibrated) else np.arange(len(self.tags))
-        self.mean = torch.tensor(identity["mean"], device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(identity["std"], device=self.device).view(1, 3, 1, 1) * 255
+        if self.computes_features:
+            self.mean = torch.tensor(identity["mean"], device=self.device).view(1, 3, 1, 1) * 255
+            self.std = torch.tensor(identity["std"], device=self.device).view(1, 3, 1, 1) * 255
 
     def decode(self, data: bytes) -> np.ndarray:
+        if not self.computes_features:
+            name = self.identity.get("name") or "features without a backbone identity"
+            raise RequestError(409, f"this model was trained on external features ({name}) that tagray cannot compute "
+                                    "from an image; POST /v1/tag is not available for it (GET /v1/search is)",
+                               code="no_backbone")
         if len(data) > self.cfg.max_image_bytes:
             raise RequestError(413, f"image of {len(data)} bytes is over the limit of {self.cfg.max_image_bytes}")
         try:
@@ -151,15 +176,24 @@ class TaggingService:
         metrics = json.loads(storage.read_text(metrics_uri, self.cfg.endpoint_url)) \
             if storage.exists(metrics_uri, self.cfg.endpoint_url) else {}
         return {
-            "model": self.model_dir,
+            "model": display_name(self.model_dir),  # the directory's name: no server paths in answers
             "head": self.head.config.head,
             "version": self.head.vocab.version,
             "tags": len(self.tags),
             "calibrated": bool(np.asarray(self.head.calibrated).any()),
-            "backbone": {k: self.identity.get(k) for k in ("name", "weights", "weights_digest", "dim")},
+            "tagging": self.computes_features,
+            "backbone": {"name": self.identity.get("name"), "kind": self.identity.get("kind", "torchvision"),
+                         "weights": display_name(self.identity.get("weights") or "") or None,
+                         "weights_digest": self.identity.get("weights_digest"), "dim": self.identity.get("dim")},
             "training": {k: metrics.get(k) for k in ("train_images", "steps", "final_loss", "mean_pi", "seconds")
                          if k in metrics},
         }
+
+
+def display_name(uri: str) -> str:
+    """The last component of a path or URI (`/srv/models/rlr/` → `rlr`): what answers show
+    instead of the server's own paths."""
+    return os.path.basename(uri.split("?", 1)[0].rstrip("/")) if uri else ""
 
 
 def check_uri(uri: object, buckets: tuple[str, ...]) -> tuple[str, str]:
@@ -168,24 +202,44 @@ def check_uri(uri: object, buckets: tuple[str, ...]) -> tuple[str, str]:
     if not isinstance(uri, str) or not uri:
         raise RequestError(400, 'give the image as a multipart file, or JSON {"uri": "s3://bucket/key"}')
     if not uri.startswith("s3://"):
-        raise RequestError(400, f"uri {uri!r} refused: only s3://bucket/key URIs in the configured buckets are read "
-                                "(never http(s) URLs or local paths)")
+        raise RequestError(400, f"uri {shown(uri)} refused: only s3://bucket/key URIs in the configured buckets are "
+                                "read (never http(s) URLs or local paths)", code="uri_refused")
     bucket, _, key = uri[len("s3://"):].partition("/")
     if bucket not in buckets or not key:
-        raise RequestError(400, f"uri {uri!r} refused: bucket {bucket!r} is not among the configured buckets "
-                                f"({', '.join(buckets) or 'none'})")
+        raise RequestError(400, f"uri {shown(uri)} refused: bucket {shown(bucket)} is not among the configured "
+                                f"buckets ({', '.join(buckets) or 'none'})", code="uri_refused")
     return bucket, key
+
+
+def store_failure(uri: str, e: OSError) -> RequestError:
+    """An object store that failed → 504 (timed out), 503 (unreachable) or 502 (answered an error)."""
+    text = str(e)
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        status, code, what = 504, "store_timeout", "timed out"
+    elif any(w in lowered for w in ("couldn't connect", "could not connect", "connection refused", "unreachable",
+                                    "curl error", "resolve host", "network")):
+        status, code, what = 503, "store_unavailable", "is unreachable"
+    else:
+        status, code, what = 502, "store_error", "answered an error"
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    return RequestError(status, f"the object store holding {shown(uri)} {what}: {first}", code=code,
+                        headers={"Retry-After": "5"} if status != 502 else None)
 
 
 def fetch_uri(uri: str, cfg: ServeConfig) -> bytes:
     check_uri(uri, cfg.buckets)
-    fs, path = storage.filesystem_for(uri, cfg.endpoint_url)
-    info = fs.get_file_info(path)
-    if info.type.name == "NotFound":
-        raise RequestError(400, f"uri {uri!r}: no such object")
-    if info.size is not None and info.size > cfg.max_image_bytes:
-        raise RequestError(413, f"object {uri} of {info.size} bytes is over the limit of {cfg.max_image_bytes}")
-    return storage.read_bytes(uri, cfg.endpoint_url)
+    try:
+        fs, path = storage.filesystem_for(uri, cfg.endpoint_url)
+        info = fs.get_file_info(path)
+        if info.type.name == "NotFound":
+            raise RequestError(400, f"uri {shown(uri)}: no such object", code="no_such_object")
+        if info.size is not None and info.size > cfg.max_image_bytes:
+            raise RequestError(413, f"object {shown(uri)} of {info.size} bytes is over the limit of "
+                                    f"{cfg.max_image_bytes}")
+        return storage.read_bytes(uri, cfg.endpoint_url)
+    except OSError as e:
+        raise store_failure(uri, e) from None
 
 
 class SearchService:
@@ -220,22 +274,23 @@ class SearchService:
         row = self._rows.get(image_id)
         uri = self.index.uris[row] if row is not None else None
         if uri is None:
-            raise RequestError(404, f"image {image_id!r} is not in the index (or has no uri)")
+            raise RequestError(404, f"image {shown(image_id)} is not in the index (or has no uri)")
         uri = resolve(uri, self.cfg.base_dir)
         try:
             data = storage.read_bytes(uri, self.cfg.endpoint_url)
-        except (FileNotFoundError, OSError) as e:
-            raise RequestError(404, f"image {image_id!r}: {e}") from None
+        except (FileNotFoundError, OSError):
+            raise RequestError(404, f"image {shown(image_id)} could not be read") from None
         if len(data) > self.cfg.max_image_bytes:
-            raise RequestError(413, f"image {image_id!r} is over {self.cfg.max_image_bytes} bytes")
+            raise RequestError(413, f"image {shown(image_id)} is over {self.cfg.max_image_bytes} bytes")
         return data
 
     def terms(self, q: str | None) -> list[str]:
         terms = [t.strip() for t in (q or "").split(",") if t.strip()]
         if not terms:
-            raise RequestError(422, "empty query: give q=tag1,tag2,…")
+            raise RequestError(422, "empty query: give q=tag1,tag2,…", code="empty_query")
         if len(terms) > self.cfg.max_query_terms:
-            raise RequestError(422, f"{len(terms)} query terms; at most {self.cfg.max_query_terms}")
+            raise RequestError(422, f"{len(terms)} query terms; at most {self.cfg.max_query_terms}",
+                               code="too_many_terms")
         return terms
 
     def check_k(self, k: int) -> int:
@@ -251,14 +306,16 @@ class SearchService:
             try:
                 hits = self.index.search(self.words.query_vector(terms), k)
             except UnknownWord as e:
-                raise RequestError(422, f"{e}") from None
+                raise RequestError(422, f"unknown word {shown(e.word)}: not among the model's words",
+                                   code="unknown_term") from None
         else:
             columns = []
             for term in terms:
                 tag = self.normalizer.normalize_tag(term)
                 if tag is None or tag not in self.head.vocab.index:
-                    shown = f"{term!r}" + (f" (normalised: {tag!r})" if tag and tag != term else "")
-                    raise RequestError(422, f"unknown tag {shown}: not in the model's vocabulary (GET /v1/tags)")
+                    said = shown(term) + (f" (normalised: {shown(tag)})" if tag and tag != term else "")
+                    raise RequestError(422, f"unknown tag {said}: not in the model's vocabulary (GET /v1/tags)",
+                                       code="unknown_term")
                 columns.append(self.head.vocab.index[tag])
             hits = self.index.search(columns, k)
         return [{"image_id": i, "uri": u, "score": s} for i, u, s in hits]
