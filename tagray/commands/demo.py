@@ -18,6 +18,7 @@ import json
 import threading
 import time
 
+from tagray import jsonio
 from tagray.commands.calibrate import calibrate
 from tagray.commands.common import command
 from tagray.commands.evaluate import run_evaluation
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary["seconds"] = time.perf_counter() - t_start
     summary_uri = storage.join(out, "summary.json")
-    storage.write_text(summary_uri, json.dumps(summary, indent=1, default=str))
+    storage.write_text(summary_uri, jsonio.dumps(summary, summary_uri, indent=1, default=str))
     print(f"\n=== done in {summary['seconds']:.0f}s; summary → {summary_uri}")
     for name, stage in summary["stages"].items():
         print(f"  {name:<9} {stage['seconds']:6.1f}s")

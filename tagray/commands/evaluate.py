@@ -4,12 +4,13 @@ of a trained head on one split, with baselines, as a JSON report and plots."""
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from tagray import jsonio
 from tagray.commands.common import add_endpoint, add_model_inputs, command
 from tagray.data import storage
 from tagray.eval.inputs import Inputs, load_inputs
+from tagray.eval.metrics import fmt
 from tagray.eval.report import EvalConfig, evaluate_head, plot_report
 
 
@@ -31,10 +32,10 @@ def summary_lines(report: dict) -> list[str]:
     an = report.get("annotation")
     if an:
         lines.append(f"annotation       P@5 {an['precision@5']:.3f}  R@5 {an['recall@5']:.3f}  F1@5 {an['f1@5']:.3f}  "
-                     f"mAP_L {an['map_label']:.3f}  mAP_I {an['map_image']:.3f}  AUC micro {an['micro_auc']:.3f}")
+                     f"mAP_L {fmt(an['map_label'])}  mAP_I {fmt(an['map_image'])}  AUC micro {fmt(an['micro_auc'])}")
     rt = report.get("retrieval")
     if rt:
-        lines.append("retrieval        " + "  ".join(f"P@5 {n}-tag {rt[f'p@5_{n}']:.3f}" for n in (1, 2, 3) if f"p@5_{n}" in rt))
+        lines.append("retrieval        " + "  ".join(f"P@5 {n}-tag {fmt(rt[f'p@5_{n}'])}" for n in (1, 2, 3) if f"p@5_{n}" in rt))
     for name, b in report.get("baselines", {}).items():
         parts = []
         if "tag_prediction" in b:
@@ -60,7 +61,7 @@ def run_evaluation(
     storage.makedirs(out_dir, endpoint_url)
     if not storage.is_remote(out):
         report["plots"] = plot_report(arrays, list(inputs.head.vocab.tags), out_dir)
-    storage.write_text(out, json.dumps(report, indent=1), endpoint_url)
+    storage.write_text(out, jsonio.dumps(report, out, indent=1), endpoint_url)
     return report
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_saved(args.model, args.manifest, args.features, args.split, not args.no_baselines,
                                 args.endpoint_url)
         storage.makedirs(args.out.rsplit("/", 1)[0] if "/" in args.out else ".", args.endpoint_url)
-        storage.write_text(args.out, json.dumps(report, indent=1), args.endpoint_url)
+        storage.write_text(args.out, jsonio.dumps(report, args.out, indent=1), args.endpoint_url)
         print("\n".join(neighbor_lines(report)))
         print(f"report → {args.out}")
         return 0

@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     head = load_image_tagger(args.model, args.endpoint_url)
     features, identity = store.read_features(args.features, args.endpoint_url)
     schema.validate_features(features.schema, args.features)
-    if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):
-        raise schema.SchemaError(f"{args.features}: features of another backbone than {args.model} was trained on")
+    store.require_same(identity, head.backbone, args.features, args.model)
     manifest = schema.read_manifest(args.manifest, endpoint_url=args.endpoint_url) if args.manifest else None
     if isinstance(head, SavedEmbedHead):
         index = build_image_index(head, features, manifest, args.model)

@@ -6,8 +6,8 @@ of an indexed image (`--image-id`)."""
 from __future__ import annotations
 
 import argparse
-import json
 
+from tagray import jsonio
 from tagray.commands.common import add_endpoint, command
 from tagray.config import ConfigError
 from tagray.serve.index import WordIndex
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         raise ConfigError(e.message) from None
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(jsonio.dumps(results, "search results", indent=1))
     else:
         for r in results:
             print(f"{r['score']:9.3f}  " + (f"{r['image_id']}  {r['uri'] or ''}" if "image_id" in r else r["word"]))

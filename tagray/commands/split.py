@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
+from tagray import jsonio
 from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import load_config, parse_overrides
 from tagray.data.schema import read_manifest, write_manifest
@@ -33,5 +33,5 @@ def main(argv: list[str] | None = None) -> int:
     write_manifest(out, args.out, args.endpoint_url)
     sizes = split_sizes(out)
     log.info("split manifest → %s", args.out)
-    print(json.dumps(sizes, indent=1))
+    print(jsonio.dumps(sizes, "split sizes", indent=1))
     return 0

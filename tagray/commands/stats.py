@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     normalizer = TagNormalizer(load_config(NormalizerConfig, args.normalizer, parse_overrides(args.overrides)))
     manifest = read_manifest(args.manifest, split=args.split, endpoint_url=args.endpoint_url)
     stats = tag_statistics(manifest, normalizer)
-    storage.makedirs(args.out)
-    written = [write_statistics(stats, args.out), *plot_statistics(stats, args.out)]
+    storage.makedirs(args.out, args.endpoint_url)
+    written = [write_statistics(stats, args.out, args.endpoint_url),
+               *plot_statistics(stats, args.out, endpoint_url=args.endpoint_url)]
     for line in summary_lines(stats):
         print(line)
     log.info("stats → %s", ", ".join(written))

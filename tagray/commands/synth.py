@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from tagray import jsonio
 from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import load_config, parse_overrides
 from tagray.data.synth import SynthConfig, synthesize
@@ -45,5 +45,5 @@ def main(argv: list[str] | None = None) -> int:
 
         result["word_vectors"] = write_synthetic_word_vectors(
             result["truth"], storage.join(args.out, "word_vectors.txt"), args.word_vectors, cfg.seed, args.endpoint_url)
-    print(json.dumps(result, indent=1))
+    print(jsonio.dumps(result, "synth summary", indent=1))
     return 0

@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="model directory; re-running resumes from its last checkpoint")
     p.add_argument("--config", default=None,
                    help="YAML of HeadConfig (or EmbedConfig) and TrainRunConfig fields (e.g. configs/rlr.yaml, configs/embed.yaml)")
-    p.add_argument("--vectors", default=None, help="embed head: pretrained word vectors (GloVe/word2vec text), path or s3://")
+    p.add_argument("--vectors", default=None,
+                   help="embed head: pretrained word vectors (GloVe/word2vec text), path or s3://; or "
+                        "open_clip:<model>@WEIGHTS (CLIP's text tower encodes 'a photo of {word}.'; @random for tests)")
     p.add_argument("--metadata", choices=("tags", "sets", "groups"), default=None,
                    help="neighbors head: the metadata whose Jaccard distance picks neighbours (default tags)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 1)")
@@ -63,6 +65,24 @@ def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig | Emb
     return split_settings(data, f"{config or 'defaults'}{' + command-line overrides' if overrides else ''}")
 
 
+def check_inputs(head, args, normalizer: TagNormalizer):
+    """Reads and checks the manifest (its vocabulary: "empty vocabulary" when no tag reaches
+    min_images), the features and the batch size, without Ray: errors come before Ray starts.
+    Returns what the head's trainer takes as its pre-read inputs."""
+    if head.head == "neighbors":
+        from tagray.train.neighbors_run import neighbors_data
+
+        return neighbors_data(args.manifest, args.features, head, normalizer, args.endpoint_url)
+    if head.head == "refine":
+        from tagray.train.refine_run import refine_data
+
+        return refine_data(args.manifest, args.features, head, normalizer, args.endpoint_url)
+    from tagray.train.run import training_inputs
+
+    return training_inputs(args.manifest, args.features, normalizer, head.batch_size, args.endpoint_url,
+                           tagged_only=isinstance(head, EmbedConfig))
+
+
 @command("train")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -71,29 +91,37 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     head, run = load_settings(args.config, overrides)
+    if isinstance(head, EmbedConfig) and head.vectors:
+        from tagray.data.word_vectors import check_vectors_source
+
+        check_vectors_source(head.vectors)  # open_clip:<model>@WEIGHTS checked before Ray starts
     from tagray.config import load_config
 
     normalizer = TagNormalizer(load_config(NormalizerConfig, head.normalizer))
+    inputs = check_inputs(head, args, normalizer)
     from tagray.runtime import init_ray
+    from tagray.train.run import require_resources
 
     init_ray(args.ray_address)
+    require_resources(*run.request(head.head), f"training ({run.workers} worker(s) × {run.worker_cpus:g} CPU"
+                      f"{', 1 GPU' if run.gpu else ''})", run.resources_wait_s)
     if head.head in ("neighbors", "refine"):
         from tagray.train.neighbors_run import train_neighbors
         from tagray.train.refine_run import train_refine
 
         train = train_neighbors if head.head == "neighbors" else train_refine
-        metrics = train(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        metrics = train(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url, data=inputs)
         print(f"trained {head.head} on {metrics['train_images']} images × {metrics['tags']} tags in {metrics['seconds']:.1f}s "
               f"({run.workers} worker(s)); best validation mAP {metrics['best_val_map']:.4f} at epoch {metrics['best_epoch']}")
     elif isinstance(head, EmbedConfig):
         from tagray.train.embed_run import train_embed
 
-        metrics = train_embed(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        metrics = train_embed(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url, inputs)
         print(f"trained embed ({metrics['loss_kind']}) on {metrics['train_images']} images × {metrics['words']} words "
               f"in {metrics['seconds']:.1f}s ({metrics['steps']} steps, {run.workers} worker(s), {run.shards} shard(s)); "
               f"final loss {metrics['final_loss']:.4f}")
     else:
-        metrics = train_head(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url)
+        metrics = train_head(args.manifest, args.features, args.out, head, run, normalizer, args.endpoint_url, inputs)
         print(f"trained {metrics['head']} on {metrics['train_images']} images × {metrics['tags']} tags "
               f"in {metrics['seconds']:.1f}s ({metrics['steps']} steps, {run.workers} worker(s)); "
               f"final loss {metrics['final_loss']:.4f}, mean π {metrics['mean_pi']:.3f}")

@@ -33,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
 
     normalizer = TagNormalizer(load_config(NormalizerConfig, sweep.normalizer))
     from tagray.runtime import init_ray
-    from tagray.tune.sweep import SweepFailed, run_sweep
+    from tagray.train.run import require_resources
+    from tagray.tune.sweep import SweepData, SweepFailed, run_sweep
 
+    data = SweepData(args.manifest, args.features, sweep, normalizer, args.endpoint_url)  # checked before Ray starts
     init_ray(args.ray_address)
+    require_resources(sweep.trial_cpus, sweep.trial_gpus, "each tune trial (trial_cpus, trial_gpus)", sweep.resources_wait_s)
     try:
-        summary = run_sweep(args.manifest, args.features, args.out, sweep, normalizer, args.endpoint_url)
+        summary = run_sweep(args.manifest, args.features, args.out, sweep, normalizer, args.endpoint_url, data)
     except SweepFailed as e:
         print(f"tagray tune: error: {e}", file=sys.stderr)
         return 1

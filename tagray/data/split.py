@@ -21,7 +21,7 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         fractions = (self.train, self.val, self.test)
-        if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
+        if not all(f >= 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):  # NaN fails too
             raise ConfigError(f"split fractions train/val/test must be ≥ 0 and sum to 1, got {fractions}")
 
 

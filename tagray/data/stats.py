@@ -9,13 +9,13 @@ All counts are vectorised over (image, tag) pairs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tagray import jsonio
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer, lookup_coo
 
@@ -27,6 +27,12 @@ LAST_POSITION = 20  # positions ≥ this are pooled, as in seed 001 Fig. 2
 class StatsConfig:
     top_tags: int = 50  # tags listed in the JSON histogram
     plot_labels: int = 40  # labels shown in the likelihood plot
+
+    def __post_init__(self) -> None:
+        if self.top_tags < 1 or self.plot_labels < 1:
+            from tagray.config import ConfigError
+
+            raise ConfigError(f"need top_tags ≥ 1 and plot_labels ≥ 1, got {self.top_tags}, {self.plot_labels}")
 
 
 def _pairs(rows: np.ndarray, ids: np.ndarray, width: int) -> np.ndarray:
@@ -135,7 +141,8 @@ def _num(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
 
 
-def plot_statistics(stats: dict, out_dir: str, cfg: StatsConfig | None = None) -> list[str]:
+def plot_statistics(stats: dict, out_dir: str, cfg: StatsConfig | None = None,
+                    endpoint_url: str | None = None) -> list[str]:
     """PNG plots: tag histogram (Fig. 1), tagging likelihoods (Fig. 4), accuracy by position
     (Fig. 2). Returns the files written."""
     import io
@@ -153,7 +160,7 @@ def plot_statistics(stats: dict, out_dir: str, cfg: StatsConfig | None = None) -
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         uri = storage.join(out_dir, name)
-        storage.write_bytes(uri, buf.getvalue())
+        storage.write_bytes(uri, buf.getvalue(), endpoint_url)
         written.append(uri)
 
     counts = stats["histogram"]["images_per_tag"]
@@ -189,8 +196,8 @@ def plot_statistics(stats: dict, out_dir: str, cfg: StatsConfig | None = None) -
     return written
 
 
-def write_statistics(stats: dict, out_dir: str) -> str:
+def write_statistics(stats: dict, out_dir: str, endpoint_url: str | None = None) -> str:
     """Writes stats.json into `out_dir`; returns its URI."""
     uri = storage.join(out_dir, "stats.json")
-    storage.write_text(uri, json.dumps(stats, indent=1))
+    storage.write_text(uri, jsonio.dumps(stats, uri, indent=1), endpoint_url)
     return uri

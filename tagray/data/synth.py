@@ -17,7 +17,6 @@ features drawn from the same latent model (sum of concept directions plus noise)
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tagray import jsonio
 from tagray.config import ConfigError, to_dict
 from tagray.data import schema, storage
 from tagray.data.render import Signature, encode_jpeg, make_signatures, render_image
@@ -84,6 +84,21 @@ class SynthConfig:
             raise ConfigError("need 0 < false_rate_min ≤ false_rate_max < 1")
         if not 1 <= self.concepts_per_image <= MAX_CONCEPTS_PER_IMAGE:
             raise ConfigError(f"concepts_per_image must be in [1, {MAX_CONCEPTS_PER_IMAGE}]")
+        # each check is written so that NaN fails it too (every comparison with NaN is false)
+        if not (self.images_per_user >= 1 and self.images_per_set >= 1):
+            raise ConfigError(f"need images_per_user ≥ 1 and images_per_set ≥ 1, got {self.images_per_user}, "
+                              f"{self.images_per_set}")
+        shares = ("set_fraction", "event_share", "plural_rate", "synonym_rate", "title_case_users", "group_join_rate")
+        outside = [f"{k}={getattr(self, k)}" for k in shares if not 0 <= getattr(self, k) <= 1]
+        if outside:
+            raise ConfigError(f"shares and rates must be in [0, 1], got {', '.join(outside)}")
+        if not (self.popularity_zipf >= 0 and self.pi_spread >= 0 and self.free_tags_mean >= 0 and self.feature_noise >= 0):
+            raise ConfigError("popularity_zipf, pi_spread, free_tags_mean and feature_noise must be ≥ 0")
+        if min(self.event_pool, self.render_batch, self.feature_dim) < 1 or self.groups_per_concept < 0:
+            raise ConfigError("need event_pool, render_batch, feature_dim ≥ 1 and groups_per_concept ≥ 0")
+        if self.image_size < 8 or not 1 <= self.jpeg_quality <= 95:
+            raise ConfigError(f"need image_size ≥ 8 pixels and jpeg_quality in [1, 95], got {self.image_size}, "
+                              f"{self.jpeg_quality}")
 
 
 @dataclass
@@ -398,7 +413,7 @@ def synthesize(
         render_images(corpus, cfg, endpoint_url)
         corpus.truth["rendered"] = True
     schema.write_manifest(corpus.manifest, written["manifest"], endpoint_url)
-    storage.write_text(written["truth"], json.dumps(corpus.truth, indent=1), endpoint_url)
+    storage.write_text(written["truth"], jsonio.dumps(corpus.truth, written["truth"], indent=1), endpoint_url)
     log.info("synth: %d images in %.1fs → %s", cfg.images, time.perf_counter() - t0, out)
     return {
         **written,

@@ -29,12 +29,7 @@ def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_u
     head = load_model(model_dir, endpoint_url)
     normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
     features, identity = store.read_features(features_uri, endpoint_url)
-    if head.backbone is not None and store.comparable(identity) != store.comparable(head.backbone):
-        raise schema.SchemaError(
-            f"{features_uri}: features of backbone {identity and identity.get('name')!r} "
-            f"(digest {identity and identity.get('weights_digest')}), but {model_dir} was trained on "
-            f"{head.backbone.get('name')!r} (digest {head.backbone.get('weights_digest')}): featurize with the same backbone"
-        )
+    store.require_same(identity, head.backbone, features_uri, model_dir)
     schema.validate_features(features.schema, features_uri)
     manifest = schema.read_manifest(manifest_uri, need=("split",), endpoint_url=endpoint_url)
     return Inputs(head, normalizer, build_targets(manifest, normalizer, head.vocab), features)

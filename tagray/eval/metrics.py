@@ -9,6 +9,38 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+# Why a metric can be undefined on a split (NaN from the functions below): the reports write
+# these as JSON null with the reason under "undefined" (`with_nulls`), never as NaN.
+UNDEFINED = {
+    "map_label": "no tag column has a positive image",
+    "map_image": "no image has a positive tag",
+    "micro_auc": "the truth is all positive or all negative",
+    "macro_auc": "no tag column has both positive and negative images",
+}
+
+
+def with_nulls(metrics: dict, reasons: dict[str, str] | None = None) -> dict:
+    """`metrics` with every NaN / ±inf value replaced by None (JSON null) and, when there was any,
+    `undefined: {key: reason}` (reasons from `reasons`, else UNDEFINED)."""
+    import math
+
+    reasons = {**UNDEFINED, **(reasons or {})}
+    out, undefined = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            undefined[key] = reasons.get(key, "undefined on this split")
+        else:
+            out[key] = value
+    if undefined:
+        out["undefined"] = undefined
+    return out
+
+
+def fmt(x: float | None, spec: str = ".3f") -> str:
+    """A metric for a summary line; "n/a" for an undefined one (None)."""
+    return "n/a" if x is None else format(x, spec)
+
 
 def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """(N, T) 0/1 matrix of each row's k highest scores (ties: lowest index)."""

@@ -17,9 +17,11 @@ import torch
 
 from tagray.eval.metrics import (
     annotation_at_k,
+    fmt,
     mean_average_precision,
     roc_auc,
     tag_prediction_at_k,
+    with_nulls,
 )
 from tagray.train.loop import multi_hot
 from tagray.train.split_arrays import SplitArrays
@@ -48,7 +50,7 @@ def table2_metrics(scores: np.ndarray, truth: np.ndarray, k: int = K) -> dict[st
     out.update({f"precision_label@{k}": per_label[f"precision@{k}"], f"recall_label@{k}": per_label[f"recall@{k}"],
                 f"precision_image@{k}": per_image[f"precision@{k}"], f"recall_image@{k}": per_image[f"recall@{k}"]})
     out.update(roc_auc(scores, truth))
-    return out
+    return with_nulls(out)
 
 
 def visual_only_scores(train: SplitArrays, target: str, tags: int, x: np.ndarray, epochs: int = 30) -> np.ndarray:
@@ -101,8 +103,8 @@ def neighbors_report(
 
 def summary_lines(report: dict) -> list[str]:
     def line(name: str, m: dict) -> str:
-        return (f"{name:<22} mAP_L {m['map_label']:.3f}  mAP_I {m['map_image']:.3f}  "
-                f"P_L@3 {m['precision_label@3']:.3f}  R_L@3 {m['recall_label@3']:.3f}  AUC {m['macro_auc']:.3f}")
+        return (f"{name:<22} mAP_L {fmt(m['map_label'])}  mAP_I {fmt(m['map_image'])}  "
+                f"P_L@3 {fmt(m['precision_label@3'])}  R_L@3 {fmt(m['recall_label@3'])}  AUC {fmt(m['macro_auc'])}")
 
     lines = [f"{report['split']} split, {report['evaluated_images']} images, truth: {report['truth']}",
              line("neighbourhood model", report["model"])]

@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tagray.eval.metrics import mean_average_precision, roc_auc
+from tagray.eval.metrics import fmt, mean_average_precision, roc_auc, with_nulls
 from tagray.eval.neighbors_report import truth_of
 from tagray.train.loop import multi_hot
 from tagray.train.split_arrays import SplitArrays
 
 
 def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    return {**mean_average_precision(scores, truth), **roc_auc(scores, truth)}
+    return with_nulls({**mean_average_precision(scores, truth), **roc_auc(scores, truth)})
 
 
 def tag_cooccur_scores(g: np.ndarray, counts: np.ndarray, cooccur: np.ndarray) -> np.ndarray:
@@ -104,6 +104,6 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{task} ({r['split']} split, {r['images']} images, truth: {r['truth']})")
         for name, m in r.items():
             if isinstance(m, dict):
-                lines.append(f"  {name:<13} miAP {m['map_image']:.3f}  mAP {m['map_label']:.3f}  "
-                             f"AUC micro {m['micro_auc']:.3f}  macro {m['macro_auc']:.3f}")
+                lines.append(f"  {name:<13} miAP {fmt(m['map_image'])}  mAP {fmt(m['map_label'])}  "
+                             f"AUC micro {fmt(m['micro_auc'])}  macro {fmt(m['macro_auc'])}")
     return lines

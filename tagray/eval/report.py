@@ -26,6 +26,7 @@ from tagray.eval.metrics import (
     retrieval_precision_at_k,
     roc_auc,
     tag_prediction_at_k,
+    with_nulls,
 )
 
 
@@ -51,6 +52,12 @@ class EvalConfig:
     knn_max_train: int = 100_000  # kNN-voting baseline: training images searched (sampled)
     seed: int = 0  # random baseline and kNN sampling
     batch_size: int = 65_536  # images scored at a time
+
+    def __post_init__(self) -> None:
+        if min(self.k, self.knn, self.knn_max_train, self.batch_size) < 1 or not 1 <= self.max_query_terms <= 3:
+            from tagray.config import ConfigError
+
+            raise ConfigError("EvalConfig: need k, knn, knn_max_train, batch_size ≥ 1 and max_query_terms in 1…3")
 
 
 @dataclass
@@ -87,8 +94,10 @@ def task_metrics(
         ann = annotation_at_k(label_log_scores, data.labels, cfg.k)
         ann.update(mean_average_precision(label_log_scores, data.labels))
         ann.update(roc_auc(label_log_scores, data.labels))
-        out["annotation"] = ann
-        out["retrieval"] = retrieval_precision_at_k(label_log_scores, data.labels, cfg.max_query_terms, cfg.k)
+        out["annotation"] = with_nulls(ann)
+        retrieval = retrieval_precision_at_k(label_log_scores, data.labels, cfg.max_query_terms, cfg.k)
+        out["retrieval"] = with_nulls(retrieval, {f"p@{cfg.k}_{n}": f"no {n}-tag query has a relevant image"
+                                                  for n in range(1, cfg.max_query_terms + 1)})
     return out
 
 

@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
 from tagray.heads.fit import HEADS, HeadConfig
 from tagray.heads.linear import LinearTagger
+from tagray.jsonio import NonFiniteError
 
 WEIGHTS_FILE = "weights.safetensors"
 TAGS_FILE = "tags.parquet"
@@ -42,11 +44,34 @@ class SavedHead:
     metrics: dict = field(default_factory=dict)
 
 
+def finite_state(state: dict[str, torch.Tensor], uri: str) -> dict[str, torch.Tensor]:
+    """`state`, or NonFiniteError naming `uri` and the first tensor holding NaN or ±inf: a model
+    with such weights answers every request with NaN scores (no tags, null scores)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"{uri}: tensor {name!r} has {bad} non-finite value(s) (NaN or ±inf) of {t.numel()}; "
+                                 "the model diverged: retrain it (lower lr)")
+    return state
+
+
+def write_weights(state: dict[str, torch.Tensor], uri: str, endpoint_url: str | None = None) -> None:
+    """A state dict as safetensors at `uri`; refuses non-finite weights (`finite_state`)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    storage.write_bytes(uri, st_save(finite_state(state, uri)), endpoint_url)
+
+
+def read_weights(uri: str, endpoint_url: str | None = None) -> dict[str, torch.Tensor]:
+    """The safetensors state dict at `uri`; NonFiniteError naming the file and the tensor when a
+    weight is NaN or ±inf."""
+    return finite_state(st_load(storage.read_bytes(uri, endpoint_url)), uri)
+
+
 def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) -> str:
-    storage.makedirs(directory, endpoint_url)
     m = head.model
-    state = {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
-    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), st_save(state), endpoint_url)
+    finite_state(m.state_dict(), storage.join(directory, WEIGHTS_FILE))  # before anything is written
+    storage.makedirs(directory, endpoint_url)
+    write_weights(m.state_dict(), storage.join(directory, WEIGHTS_FILE), endpoint_url)
     gamma = m.gamma()
     tags = pa.table(
         {
@@ -67,8 +92,8 @@ def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) 
         "backbone": head.backbone,
         "vocabulary_version": head.vocab.version,
     }
-    storage.write_text(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=1), endpoint_url)
-    storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(head.metrics, indent=1, default=str), endpoint_url)
+    storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
     head.vocab.save(directory)
     return directory
 
@@ -105,7 +130,7 @@ def load_head(
     if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = LinearTagger(meta["dim"], meta["tags"], cfg.em() if cfg.robust else None)
-    model.load_state_dict(st_load(storage.read_bytes(storage.join(directory, WEIGHTS_FILE), endpoint_url)))
+    model.load_state_dict(read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url))
     model.eval()
     tags = schema.read_table(storage.join(directory, TAGS_FILE), endpoint_url=endpoint_url)
     metrics_uri = storage.join(directory, METRICS_FILE)

@@ -17,13 +17,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
-from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, state_digest
+from tagray.heads.artifact import (
+    METRICS_FILE,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    finite_state,
+    read_weights,
+    state_digest,
+    write_weights,
+)
 from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP, tag_log_prior
 
 VECTORS_FILE = "word_vectors.safetensors"
@@ -63,11 +70,12 @@ class SavedEmbedHead:
 def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | None = None) -> str:
     if head.words[: len(head.vocab)] != list(head.vocab.tags):
         raise ValueError("the first words must be the vocabulary's tags, in order")
+    vectors = {"vectors": head.vectors.detach().cpu().float()}
+    finite_state(head.mlp.state_dict(), storage.join(directory, WEIGHTS_FILE))  # before anything is written
+    finite_state(vectors, storage.join(directory, VECTORS_FILE))
     storage.makedirs(directory, endpoint_url)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.mlp.state_dict().items()}
-    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), st_save(state), endpoint_url)
-    storage.write_bytes(storage.join(directory, VECTORS_FILE),
-                        st_save({"vectors": head.vectors.detach().cpu().float().contiguous()}), endpoint_url)
+    write_weights(head.mlp.state_dict(), storage.join(directory, WEIGHTS_FILE), endpoint_url)
+    write_weights(vectors, storage.join(directory, VECTORS_FILE), endpoint_url)
     seen = np.zeros(len(head.words), bool)
     seen[: len(head.vocab)] = True
     words = pa.table({
@@ -88,8 +96,8 @@ def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | No
         "vocabulary_version": head.vocab.version,
         "vectors_source": head.vectors_source,
     }
-    storage.write_text(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=1), endpoint_url)
-    storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(head.metrics, indent=1, default=str), endpoint_url)
+    storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
     head.vocab.save(directory)
     return directory
 
@@ -103,9 +111,9 @@ def load_embed_head(directory: str, normalizer: TagNormalizer | None = None, end
     if vocab.version != meta["vocabulary_version"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     mlp = TagMLP(meta["dim"], cfg.hidden, meta["word_dim"], cfg.dropout)
-    mlp.load_state_dict(st_load(storage.read_bytes(storage.join(directory, WEIGHTS_FILE), endpoint_url)))
+    mlp.load_state_dict(read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url))
     mlp.eval()
-    vectors = st_load(storage.read_bytes(storage.join(directory, VECTORS_FILE), endpoint_url))["vectors"]
+    vectors = read_weights(storage.join(directory, VECTORS_FILE), endpoint_url)["vectors"]
     words = schema.read_table(storage.join(directory, WORDS_FILE), endpoint_url=endpoint_url)
     if words.num_rows != len(vectors) or words.column("word").to_pylist()[: len(vocab)] != list(vocab.tags):
         raise schema.SchemaError(f"{directory}: {WORDS_FILE} does not belong to {VECTORS_FILE}")

@@ -10,7 +10,6 @@ the Ray Train loop (tagray/train/embed_loop.py, where the store is the shard ser
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +20,7 @@ from tagray.config import ConfigError
 from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
 from tagray.heads.samplers import NEGATIVE_SAMPLERS, log_noise_prior, make_sampler, sample_positives
 from tagray.heads.word_table import OPTIMIZERS
+from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,18 @@ class EmbedConfig:
             raise ConfigError("positives, negatives, epochs, batch_size, word_dim and checkpoint_every must be ≥ 1")
         if any(h < 1 for h in self.hidden):
             raise ConfigError(f"hidden layer sizes must be ≥ 1, got {self.hidden}")
-        if self.lr <= 0 or self.word_lr <= 0:
-            raise ConfigError("lr and word_lr must be > 0")
+        # each check is written so that NaN fails it too (every comparison with NaN is false)
+        if not (self.lr > 0 and self.word_lr > 0 and self.oov_lr > 0):
+            raise ConfigError(f"lr, word_lr and oov_lr must be > 0, got {self.lr}, {self.word_lr}, {self.oov_lr}")
+        if not (0 <= self.dropout < 1 and self.weight_decay >= 0 and self.alpha >= 0 and self.beta > 0):
+            raise ConfigError(f"need 0 ≤ dropout < 1, weight_decay ≥ 0, alpha ≥ 0, beta > 0; got {self.dropout}, "
+                              f"{self.weight_decay}, {self.alpha}, {self.beta}")
+        if not (self.sampler_power >= 0 and self.init_scale > 0):
+            raise ConfigError(f"need sampler_power ≥ 0 and init_scale > 0, got {self.sampler_power}, {self.init_scale}")
+        if self.pool_size < 1 or self.oov_steps < 0 or self.oov_anchors < 1:
+            raise ConfigError("need pool_size ≥ 1, oov_steps ≥ 0 (0: off) and oov_anchors ≥ 1")
+        if self.max_words is not None and self.max_words < 1:
+            raise ConfigError(f"max_words must be ≥ 1 (or null: all), got {self.max_words}")
 
 
 class TagMLP(nn.Module):
@@ -218,10 +228,9 @@ def fit_embed(
         losses = []
         for i in range(per_epoch):
             idx = order[i * batch : (i + 1) * batch]
-            losses.append(embed_step(mlp, opt, x[idx], tag_ids[idx], table, cfg, sampler, rng, words))
+            loss = embed_step(mlp, opt, x[idx], tag_ids[idx], table, cfg, sampler, rng, words)
+            losses.append(check_loss(loss, epoch + 1, epoch * per_epoch + i + 1, "lower lr / word_lr"))
             schedule.step()
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss is {losses[-1]} at epoch {epoch}: lower lr / word_lr")
         if on_epoch is not None:
             on_epoch(epoch, float(np.mean(losses)))
     mlp.eval()

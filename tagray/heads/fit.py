@@ -7,7 +7,6 @@ module is what tests, benchmarks and small corpora use directly.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from tagray.config import ConfigError
 from tagray.heads.linear import EMConfig, LinearTagger, Reducer, em_step
+from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ class HeadConfig:
             raise ConfigError(f"optimizer must be adam or sgd, got {self.optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ConfigError("epochs, batch_size and checkpoint_every must be ≥ 1")
-        if self.lr <= 0:
+        if not self.lr > 0:  # written so that NaN fails too (every comparison with NaN is false)
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0 or self.warmup_steps < 0:
+            raise ConfigError(f"need weight_decay ≥ 0 and warmup_steps ≥ 0, got {self.weight_decay}, {self.warmup_steps}")
         try:
             self.em()
         except ValueError as e:
@@ -123,12 +125,10 @@ def fit(
         losses = []
         for i in range(per_epoch):
             idx = order[i * batch : (i + 1) * batch]
-            losses.append(em_step(model, opt, x[idx], y[idx], reduce).loss)
+            losses.append(check_loss(em_step(model, opt, x[idx], y[idx], reduce).loss, epoch + 1, int(model.steps)))
             schedule.step()
         if on_epoch is not None:
             on_epoch(epoch, float(np.mean(losses)), float(model.pi().mean()))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss is {losses[-1]} at epoch {epoch}: lower lr")
     return model
 
 

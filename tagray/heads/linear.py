@@ -50,6 +50,8 @@ class EMConfig:
             )
         if not 0 < self.gamma_min <= self.gamma_init < 1:
             raise ValueError(f"need 0 < gamma_min ≤ gamma_init < 1, got {self.gamma_min}, {self.gamma_init}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
 
 
 def _log1m(p: torch.Tensor) -> torch.Tensor:

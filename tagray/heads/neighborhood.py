@@ -19,7 +19,6 @@ used by Ray Tune trials) and the Ray Train loop (tagray/train/neighbors_loop.py)
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
+from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class NeighborsConfig:
             raise ConfigError(f"max_posting must be ≥ 1 (or null for exact search), got {self.max_posting}")
         if min(self.tau, self.hidden, self.batch_size, self.epochs, self.test_samples, self.checkpoint_every) < 1:
             raise ConfigError("tau, hidden, batch_size, epochs, test_samples and checkpoint_every must be ≥ 1")
-        if not 0 <= self.dropout < 1 or self.l2 < 0 or self.lr <= 0:
+        if not (0 <= self.dropout < 1 and self.l2 >= 0 and self.lr > 0):  # NaN fails too
             raise ConfigError(f"need 0 ≤ dropout < 1, l2 ≥ 0, lr > 0; got {self.dropout}, {self.l2}, {self.lr}")
 
     def lsh_settings(self) -> dict | None:
@@ -204,10 +204,9 @@ def fit_neighbors(
         for lo in range(0, len(x) - batch + 1, batch):
             idx = order[lo : lo + batch]
             z, mask = gather_neighborhood(x, sample_neighborhoods(neighbors[idx], cfg.m, rng))
-            losses.append(neighbors_step(model, model, opt, x[idx], z, mask, y[idx], cfg.l2))
+            loss = neighbors_step(model, model, opt, x[idx], z, mask, y[idx], cfg.l2)
+            losses.append(check_loss(loss, epoch + 1, len(losses) + 1))
         loss = float(np.mean(losses))
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at epoch {epoch}: lower lr")
 
         def snapshot(epoch: int = epoch) -> dict:
             return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}

@@ -14,13 +14,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer, Vocabulary
-from tagray.heads.artifact import METRICS_FILE, MODEL_FILE, WEIGHTS_FILE, head_kind
+from tagray.heads.artifact import (
+    METRICS_FILE,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    finite_state,
+    head_kind,
+    read_weights,
+    write_weights,
+)
 
 NET_HEADS = ("neighbors", "refine")
 
@@ -48,14 +55,14 @@ class SavedNetHead:
 
 
 def save_net_head(head: SavedNetHead, directory: str, endpoint_url: str | None = None) -> str:
+    finite_state(head.model.state_dict(), storage.join(directory, WEIGHTS_FILE))  # before anything is written
     storage.makedirs(directory, endpoint_url)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.model.state_dict().items()}
-    storage.write_bytes(storage.join(directory, WEIGHTS_FILE), st_save(state), endpoint_url)
+    write_weights(head.model.state_dict(), storage.join(directory, WEIGHTS_FILE), endpoint_url)
     meta = {"head": head.config.head, "dim": head.model.dim, "tags": head.model.tags, "config": to_dict(head.config),
             "backbone": head.backbone, "vocabulary_version": head.vocab.version,
             "positives": [int(c) for c in head.positives]}
-    storage.write_text(storage.join(directory, MODEL_FILE), json.dumps(meta, indent=1), endpoint_url)
-    storage.write_text(storage.join(directory, METRICS_FILE), json.dumps(head.metrics, indent=1, default=str), endpoint_url)
+    storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
+    storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
     head.vocab.save(directory)
     return directory
 
@@ -71,7 +78,7 @@ def load_net_head(directory: str, normalizer: TagNormalizer | None = None, endpo
     if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = build(meta["dim"], meta["tags"], cfg)
-    model.load_state_dict(st_load(storage.read_bytes(storage.join(directory, WEIGHTS_FILE), endpoint_url)))
+    model.load_state_dict(read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url))
     model.eval()
     metrics_uri = storage.join(directory, METRICS_FILE)
     metrics = json.loads(storage.read_text(metrics_uri, endpoint_url)) if storage.exists(metrics_uri, endpoint_url) else {}

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
+from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,14 @@ class RefineConfig:
             raise ConfigError("hidden, epochs, init_epochs, lr_step_epochs and init_batch_size must be ≥ 1")
         if self.train_layers not in TRAIN_LAYERS:
             raise ConfigError(f"train_layers must be one of {', '.join(TRAIN_LAYERS)}, got {self.train_layers!r}")
-        if min(self.lambda1, self.lambda2, self.alpha) < 0 or self.lr <= 0 or self.init_lr <= 0:
-            raise ConfigError("λ1, λ2, α must be ≥ 0 and learning rates > 0")
+        # each check is written so that NaN fails it too (every comparison with NaN is false)
+        if not (self.lambda1 >= 0 and self.lambda2 >= 0 and self.alpha >= 0 and self.lr > 0 and self.init_lr > 0):
+            raise ConfigError(f"λ1, λ2, α must be ≥ 0 and learning rates > 0; got lambda1={self.lambda1}, "
+                              f"lambda2={self.lambda2}, alpha={self.alpha}, lr={self.lr}, init_lr={self.init_lr}")
+        if not (0 <= self.dropout < 1 and 0 <= self.momentum < 1):
+            raise ConfigError(f"need 0 ≤ dropout < 1 and 0 ≤ momentum < 1, got {self.dropout}, {self.momentum}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be ≥ 1, got {self.checkpoint_every}")
 
 
 class RefineNet(nn.Module):
@@ -249,7 +256,8 @@ def fit_refine(
             order = np.random.default_rng([cfg.seed, 10_000 + e]).permutation(len(x))
             for lo in range(0, len(x) - cfg.init_batch_size + 1, cfg.init_batch_size):
                 idx = order[lo : lo + cfg.init_batch_size]
-                losses.append(init_step(model, model, init_opt, x[idx], g[idx]))
+                losses.append(check_loss(init_step(model, model, init_opt, x[idx], g[idx]), 0, len(losses) + 1,
+                                         "lower init_lr"))
         phi0.load_state_dict(model.state_dict())
         done = 0
         if on_epoch is not None and on_epoch(0, {"loss": float(np.mean(losses or [np.nan]))}, model, lambda: snapshot(0)):
@@ -264,10 +272,9 @@ def fit_refine(
         for lo in range(0, len(x) - groups + 1, groups):
             batch = dynamic_batch(model, x, order[lo : lo + groups], candidates, cfg.m)
             rows.append(refine_step(model, model, opt, x[batch], g[batch], laplacian, cfg))
+            check_loss(rows[-1]["loss"], epoch, len(rows))
         schedule.step()
         metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss is {metrics['loss']} at epoch {epoch}: lower lr")
         if on_epoch is not None and on_epoch(epoch, metrics, model, lambda e=epoch: snapshot(e)):
             break
     return model, phi0

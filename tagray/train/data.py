@@ -83,7 +83,7 @@ def training_dataset(
 
     files = store.feature_files(features_uri, endpoint_url)
     if not files:
-        raise FileNotFoundError(f"{features_uri}: no features (expected a .parquet file or {store.SHARD_PATTERN} shards)")
+        raise FileNotFoundError(store.missing_message(features_uri))
     ref = [ray.put(targets.select(["image_id", "tag_ids"]))]
     return ray.data.from_items(row_groups(files, endpoint_url)).map_batches(
         ReadWithTargets,

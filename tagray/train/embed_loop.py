@@ -22,6 +22,7 @@ from tagray.config import from_dict
 from tagray.data import storage
 from tagray.heads.embedding import EmbedConfig, embed_step, make_optimizer, make_scheduler, new_mlp
 from tagray.heads.samplers import make_sampler
+from tagray.jsonio import check_loss
 from tagray.train.data import epoch_batches
 from tagray.train.shards import ShardedWordTable
 
@@ -111,9 +112,10 @@ def embed_train_loop(config: dict) -> None:
         losses = []
         for batch in epoch_batches(shard, per_worker, cfg.seed, epoch, rank):
             x = torch.from_numpy(batch["feature"]).to(device)
-            losses.append(embed_step(forward, opt, x, batch["tag_ids"], table, cfg, sampler, rng, words, world))
-            schedule.step()
+            loss = embed_step(forward, opt, x, batch["tag_ids"], table, cfg, sampler, rng, words, world)
             step += 1
+            losses.append(check_loss(loss, epoch + 1, step, "lower lr / word_lr"))  # before any report or snapshot
+            schedule.step()
             if step % cfg.checkpoint_every == 0:
                 report({"epoch": epoch, "step": step, "loss": float(np.mean(losses[-50:]))}, epoch, final=False)
         loss = float(np.mean(losses)) if losses else float("nan")

@@ -24,6 +24,7 @@ from tagray.heads.oov import snap_oov
 from tagray.train.data import training_dataset
 from tagray.train.embed_loop import embed_train_loop, load_state
 from tagray.train.run import (
+    TrainingInputs,
     TrainRunConfig,
     plot_history,
     ray_storage,
@@ -46,18 +47,21 @@ def train_embed(
     run: TrainRunConfig,
     normalizer: TagNormalizer,
     endpoint_url: str | None = None,
+    inputs: TrainingInputs | None = None,
 ) -> dict:
     """Trains the word-embedding head on the train split's tagged images; returns the metrics
-    also saved in `out`."""
+    also saved in `out`. `inputs`: what `training_inputs(…, tagged_only=True)` read, when the
+    caller checked them before starting Ray."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    inputs = training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url, tagged_only=True)
+    inputs = inputs or training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url,
+                                       tagged_only=True)
     vocab = inputs.vocab
     pretrained = None
     if cfg.vectors:
-        pretrained = read_word_vectors(cfg.vectors, normalizer, cfg.max_words, endpoint_url)
+        pretrained = read_word_vectors(cfg.vectors, normalizer, cfg.max_words, endpoint_url, words=vocab.tags)
         log.info("train: %d pretrained word vectors (d=%d) from %s", len(pretrained[0]), pretrained[1].shape[1], cfg.vectors)
     else:
         log.warning("train: no pretrained word vectors (set `vectors`): random initialisation, d=%d; "

@@ -19,6 +19,7 @@ import torch
 from tagray.config import from_dict
 from tagray.heads.fit import HeadConfig, make_optimizer, make_scheduler, new_model
 from tagray.heads.linear import LinearTagger, em_step
+from tagray.jsonio import check_loss
 from tagray.train.data import PAD, epoch_batches
 
 STATE_FILE = "state.pt"
@@ -85,9 +86,9 @@ def train_loop(config: dict) -> None:
             x = torch.from_numpy(batch["feature"]).to(device)
             y = multi_hot(batch["tag_ids"], tags).to(device)
             result = em_step(model, opt, x, y, reduce, n_total=per_worker * world, forward=ddp)
-            losses.append(result.loss)
-            schedule.step()
             step = int(model.steps)
+            losses.append(check_loss(result.loss, epoch + 1, step))  # before any report: no NaN checkpoint
+            schedule.step()
             if step % cfg.checkpoint_every == 0 and step > steps_at_start:
                 _report(model, (opt, schedule), epoch, step, losses, rank, history, checkpoint_now=True, last_epoch_done=epoch)
         loss = float(np.mean(losses)) if losses else float("nan")

@@ -27,6 +27,7 @@ from tagray.heads.neighborhood import (
     neighbors_step,
     sample_neighborhoods,
 )
+from tagray.jsonio import check_loss
 from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
 from tagray.train.loop import multi_hot
 
@@ -66,7 +67,8 @@ def neighbors_train_loop(config: dict) -> None:
             idx = mine[step * per_worker : (step + 1) * per_worker]
             z, mask = gather_neighborhood(x_all, sample_neighborhoods(train["neighbors"][idx], cfg.m, rng))
             y = multi_hot(train["target_ids"][idx], tags)
-            losses.append(neighbors_step(model, forward, opt, x_all[idx], z, mask, y, cfg.l2))
+            loss = neighbors_step(model, forward, opt, x_all[idx], z, mask, y, cfg.l2)
+            losses.append(check_loss(loss, epoch + 1, epoch * steps + step + 1))  # before the epoch's checkpoint
         metrics = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_seconds": time.perf_counter() - t0}
         if rank == 0:
             metrics["val_map"] = validation_map(model, val, cfg)

@@ -7,12 +7,12 @@ Checkpoints live in MODEL/_ray/<run name>; re-running the same command resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import torch
 
+from tagray import jsonio
 from tagray.config import to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer
@@ -49,18 +49,27 @@ class NeighborsData(SplitsData):
         return {**extra, "neighbors": self.neighbors[split]}
 
 
+def neighbors_data(manifest_uri: str, features_uri: str, cfg: NeighborsConfig, normalizer: TagNormalizer,
+                   endpoint_url: str | None = None) -> NeighborsData:
+    """The splits and their neighbours, checked (no Ray needed: `tagray train` calls it before Ray starts)."""
+    data = NeighborsData(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
+    if len(data.parts["train"]) < cfg.batch_size:
+        raise schema.SchemaError(f"only {len(data.parts['train'])} training images have features; "
+                                 f"need at least batch_size={cfg.batch_size}")
+    return data
+
+
 def train_neighbors(
     manifest_uri: str, features_uri: str, out: str, cfg: NeighborsConfig, run: TrainRunConfig,
-    normalizer: TagNormalizer, endpoint_url: str | None = None,
+    normalizer: TagNormalizer, endpoint_url: str | None = None, data: NeighborsData | None = None,
 ) -> dict:
-    """Trains the neighbourhood model; returns the metrics also saved in `out` (with report.json)."""
+    """Trains the neighbourhood model; returns the metrics also saved in `out` (with report.json).
+    `data`: what `neighbors_data` read, when the caller checked it before starting Ray."""
     import ray
 
     t0 = time.perf_counter()
-    data = NeighborsData(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
+    data = data or neighbors_data(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
     train: SplitArrays = data.parts["train"]
-    if len(train) < cfg.batch_size:
-        raise schema.SchemaError(f"only {len(train)} training images have features; need at least batch_size={cfg.batch_size}")
     print(f"[train] neighbors head: {len(train)} training images, {data.tags} tags, neighbourhoods by {cfg.metadata} "
           f"(m={cfg.m} of M={cfg.max_rank}), {run.workers} worker(s)", flush=True)
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "test_samples"), data.vocab.version,
@@ -80,7 +89,7 @@ def train_neighbors(
     save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, f"neighbourhood model ({cfg.metadata})")
     report = evaluate_neighbors(model, data, cfg, "test")
-    storage.write_text(storage.join(out, REPORT_FILE), json.dumps(report, indent=1), endpoint_url)
+    storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics
 
@@ -103,8 +112,7 @@ def evaluate_saved(model_dir: str, manifest_uri: str, features_uri: str, split: 
     head = load_model(model_dir, endpoint_url)
     normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
     data = NeighborsData(manifest_uri, features_uri, head.config, normalizer, endpoint_url, vocab=head.vocab)
-    if head.backbone is not None and store.comparable(data.identity) != store.comparable(head.backbone):
-        raise schema.SchemaError(f"{features_uri}: features of another backbone than {model_dir} was trained on")
+    store.require_same(data.identity, head.backbone, features_uri, model_dir)
     report = evaluate_neighbors(head.model, data, head.config, split, with_baselines)
     report.update({"model_dir": model_dir, "head": "neighbors"})
     return report

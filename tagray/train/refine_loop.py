@@ -34,6 +34,7 @@ from tagray.heads.refine import (
     tag_laplacian,
     visual_candidates,
 )
+from tagray.jsonio import check_loss
 from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
 from tagray.train.loop import multi_hot
 
@@ -97,7 +98,8 @@ def refine_train_loop(config: dict) -> None:
             mine = np.random.default_rng([cfg.seed, 10_000 + e]).permutation(n)[rank::world]
             for step in range(steps):
                 idx = mine[step * per_worker : (step + 1) * per_worker]
-                losses.append(init_step(model, forward, init_opt, x_all[idx], g_all[idx]))
+                loss = init_step(model, forward, init_opt, x_all[idx], g_all[idx])
+                losses.append(check_loss(loss, 0, len(losses) + 1, "lower init_lr"))  # epoch 0: ϕ0
         phi0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
         finish_epoch(0, {"epoch": 0, "loss": float(np.mean(losses[-steps:])), "epoch_seconds": time.perf_counter() - t0})
     phi0_model = RefineNet(x_all.shape[1], tags, cfg.hidden, cfg.dropout)
@@ -112,6 +114,7 @@ def refine_train_loop(config: dict) -> None:
         for step in range(steps):
             batch = dynamic_batch(model, x_all, mine[step * groups : (step + 1) * groups], candidates, cfg.m)
             rows.append(refine_step(model, forward, opt, x_all[batch], g_all[batch], laplacian, cfg, world))
+            check_loss(rows[-1]["loss"], epoch, (epoch - 1) * steps + step + 1)  # before the epoch's checkpoint
         schedule.step()
         metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
         finish_epoch(epoch, {"epoch": epoch, **metrics, "epoch_seconds": time.perf_counter() - t0})

@@ -8,13 +8,13 @@ Checkpoints live in MODEL/_ray/<run name>; re-running the same command resumes.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import numpy as np
 import torch
 
+from tagray import jsonio
 from tagray.config import to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer
@@ -46,6 +46,16 @@ def tag_distance_parts(data: SplitsData) -> tuple[np.ndarray, np.ndarray]:
     return google_distance(counts, co, len(train)), wordnet_distance(list(data.vocab.tags), counts)
 
 
+def refine_data(manifest_uri: str, features_uri: str, cfg: RefineConfig, normalizer: TagNormalizer,
+                endpoint_url: str | None = None) -> SplitsData:
+    """The splits' arrays, checked (no Ray needed: `tagray train` calls it before Ray starts)."""
+    data = SplitsData(manifest_uri, features_uri, normalizer, endpoint_url)
+    if len(data.parts["train"]) < cfg.batch_size:
+        raise schema.SchemaError(f"only {len(data.parts['train'])} training images have features; "
+                                 f"need at least batch_size={cfg.batch_size}")
+    return data
+
+
 def train_refine(
     manifest_uri: str, features_uri: str, out: str, cfg: RefineConfig, run: TrainRunConfig,
     normalizer: TagNormalizer, endpoint_url: str | None = None, data: SplitsData | None = None,
@@ -55,10 +65,8 @@ def train_refine(
     import ray
 
     t0 = time.perf_counter()
-    data = data or SplitsData(manifest_uri, features_uri, normalizer, endpoint_url)
+    data = data or refine_data(manifest_uri, features_uri, cfg, normalizer, endpoint_url)
     train = data.parts["train"]
-    if len(train) < cfg.batch_size:
-        raise schema.SchemaError(f"only {len(train)} training images have features; need at least batch_size={cfg.batch_size}")
     ctx, kb = distances or tag_distance_parts(data)
     xi = tag_similarity(ctx, kb, cfg.alpha).astype(np.float32)
     print(f"[train] refine head: {len(train)} training images, {data.tags} tags, ξ with α={cfg.alpha} "
@@ -81,7 +89,7 @@ def train_refine(
     save_net_head(SavedNetHead(model.eval(), data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, "refinement (epoch 0 = ϕ0)")
     report = evaluate_refine(model, phi0, data)
-    storage.write_text(storage.join(out, REPORT_FILE), json.dumps(report, indent=1), endpoint_url)
+    storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics
 

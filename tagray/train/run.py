@@ -43,10 +43,79 @@ class TrainRunConfig:
     torch_threads: int = 1  # intra-op threads per worker (CPU)
     shards: int = 2  # embed head: embedding shard actors holding the word vectors (CPU memory)
     shard_cpus: float = 0.1  # embed head: CPUs reserved per shard actor
+    resources_wait_s: float | None = None  # wait this long for the cluster to hold the request (None: 600 s if it autoscales, else fail at once)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.shards < 1:
             raise ConfigError(f"workers and shards must be ≥ 1, got {self.workers} and {self.shards}")
+        if not (self.worker_cpus > 0 and self.data_cpus > 0 and self.shard_cpus > 0):  # NaN fails too
+            raise ConfigError(f"worker_cpus, data_cpus and shard_cpus must be > 0, got {self.worker_cpus}, "
+                              f"{self.data_cpus}, {self.shard_cpus}")
+        if self.readers < 1 or self.torch_threads < 1:
+            raise ConfigError(f"readers and torch_threads must be ≥ 1, got {self.readers} and {self.torch_threads}")
+        if self.resources_wait_s is not None and not self.resources_wait_s >= 0:
+            raise ConfigError(f"resources_wait_s must be ≥ 0 (or null), got {self.resources_wait_s}")
+
+    def request(self, head: str) -> tuple[float, float]:
+        """(CPUs, GPUs) a run of `head` holds at once: the workers, the embed head's shard actors,
+        and a feature reader when the data streams beside training (materialize: false)."""
+        cpus = self.workers * self.worker_cpus
+        if head == "embed":
+            cpus += self.shards * self.shard_cpus
+        if head in ("lr", "rlr", "embed") and not self.materialize:
+            cpus += self.data_cpus
+        return cpus, float(self.workers if self.gpu else 0)
+
+
+AUTOSCALING_WAIT_S = 600.0  # how long an autoscaling cluster gets to grow to a request by default
+
+
+def cluster_autoscales() -> bool:
+    """Whether the connected cluster can add nodes: launched by the cluster launcher (the bootstrap
+    config Ray Tune looks for), KubeRay (RAY_CLUSTER_NAME in the pod), or the v2 autoscaler."""
+    import os
+    from pathlib import Path
+
+    if Path("~/ray_bootstrap_config.yaml").expanduser().exists() or os.environ.get("RAY_CLUSTER_NAME"):
+        return True
+    try:
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        return bool(is_autoscaler_v2())
+    except Exception:  # an older Ray without the v2 autoscaler, or no GCS answer: assume a fixed cluster
+        return False
+
+
+def require_resources(cpus: float, gpus: float, what: str, wait_s: float | None = None, poll_s: float = 5.0) -> None:
+    """Returns once the Ray cluster (ray.cluster_resources(): all nodes, busy or not) holds `cpus`
+    CPUs and `gpus` GPUs; otherwise ConfigError naming what was asked and what there is — at once
+    on a fixed cluster (Ray would wait for ever), after `wait_s` seconds (default
+    AUTOSCALING_WAIT_S) on one that autoscales."""
+    import ray
+
+    def have() -> tuple[float, float]:
+        r = ray.cluster_resources()
+        return float(r.get("CPU", 0)), float(r.get("GPU", 0))
+
+    def fits() -> bool:
+        return cpus <= have()[0] + 1e-9 and gpus <= have()[1] + 1e-9
+
+    if fits():
+        return
+    deadline_s = wait_s if wait_s is not None else (AUTOSCALING_WAIT_S if cluster_autoscales() else 0.0)
+    if deadline_s > 0:
+        log.warning("%s asks for %g CPUs, %g GPUs; the cluster has %g CPUs, %g GPUs: waiting up to %gs for it to grow",
+                    what, cpus, gpus, *have(), deadline_s)
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline and not fits():
+            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        if fits():
+            return
+    c, g = have()
+    waited = f" after waiting {deadline_s:g}s for it to grow" if deadline_s > 0 else ""
+    raise ConfigError(f"{what} asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray cluster has {c:g} CPU(s) and "
+                      f"{g:g} GPU(s){waited}: lower workers / worker_cpus (or trial_cpus), or set resources_wait_s "
+                      "to wait for an autoscaling cluster to grow")
 
 
 def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
@@ -54,7 +123,13 @@ def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
     train = manifest.filter(pc.equal(manifest.column("split"), "train"))
     if train.num_rows == 0:
         raise schema.SchemaError("the manifest's train split is empty: run `tagray split` first, or check its split column")
-    return Vocabulary.build(normalizer.normalize_lists(train.column("tags")), normalizer)
+    try:
+        return Vocabulary.build(normalizer.normalize_lists(train.column("tags")), normalizer)
+    except schema.SchemaError:
+        raise
+    except ValueError as e:  # "empty vocabulary: …": the data's fault, a one-line user error
+        raise schema.SchemaError(f"{e} of the {train.num_rows} training images; lower min_images in the "
+                                 "normalizer config (normalizer: …) or train on more images") from e
 
 
 @dataclass
@@ -82,8 +157,8 @@ def training_inputs(
     if tagged_only:
         train = train.filter(pc.greater(pc.list_value_length(train.column("tag_ids")), 0))
     identity = store.features_identity(features_uri, endpoint_url)
-    if identity is None:
-        raise FileNotFoundError(f"{features_uri}: no features")
+    if identity is None:  # no files at all (a file without an identity is refused by features_identity)
+        raise FileNotFoundError(store.missing_message(features_uri))
     dim = int(identity.get("dim") or 0)
     if not dim:
         raise schema.SchemaError(f"{features_uri}: the backbone identity has no feature dimension")
@@ -128,13 +203,15 @@ def train_head(
     run: TrainRunConfig,
     normalizer: TagNormalizer,
     endpoint_url: str | None = None,
+    inputs: TrainingInputs | None = None,
 ) -> dict:
-    """Trains a LR or RLR head on the train split; returns the metrics also saved in `out`."""
+    """Trains a LR or RLR head on the train split; returns the metrics also saved in `out`.
+    `inputs`: what `training_inputs` read, when the caller checked them before starting Ray."""
     from ray.train import CheckpointConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     t0 = time.perf_counter()
-    inputs = training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url)
+    inputs = inputs or training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url)
     vocab, identity, dim, n_train, counts = inputs.vocab, inputs.identity, inputs.dim, inputs.n_train, inputs.counts
     tag_rate = counts / max(1, inputs.train.num_rows)
     log.info("train: %s head, %d tags, %d training images with features, %d worker(s)", cfg.head, len(vocab), n_train, run.workers)

@@ -9,6 +9,7 @@ Search space entries, one per head field:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,8 +32,17 @@ class TuneConfig:
     max_concurrent: int = 0  # trials at once; 0: as many as the cluster's CPUs (and GPUs) allow
     seed: int = 0  # random search's seed
     normalizer: str = "normalize.yaml"
+    resources_wait_s: float | None = None  # wait this long for the cluster to hold one trial (None: 600 s if it autoscales, else fail at once)
 
     def __post_init__(self) -> None:
+        from tagray.jsonio import non_finite_path
+
+        for name in ("fixed", "search_space"):  # free-form mappings: from_dict does not see their numbers
+            where = non_finite_path(getattr(self, name), name)
+            if where:
+                raise ConfigError(f"tune: {where} is not a finite number (NaN or ±inf)")
+        if self.resources_wait_s is not None and not self.resources_wait_s >= 0:
+            raise ConfigError(f"tune: resources_wait_s must be ≥ 0 (or null), got {self.resources_wait_s}")
         if self.head not in ("neighbors", "refine"):
             raise ConfigError(f"tune: head must be neighbors or refine, got {self.head!r}")
         if not self.search_space:
@@ -46,7 +56,7 @@ class TuneConfig:
             parse_distribution(key, spec)
         if self.num_samples < 1 or self.grace_period < 1 or self.reduction_factor < 2 or self.max_concurrent < 0:
             raise ConfigError("tune: need num_samples ≥ 1, grace_period ≥ 1, reduction_factor ≥ 2, max_concurrent ≥ 0")
-        if self.trial_cpus <= 0 or self.trial_gpus < 0:
+        if not (self.trial_cpus > 0 and self.trial_gpus >= 0):  # NaN fails too
             raise ConfigError("tune: trial_cpus must be > 0 and trial_gpus ≥ 0")
 
     def param_space(self) -> dict[str, Any]:
@@ -77,7 +87,8 @@ def parse_distribution(key: str, spec: Any):
         return tune.grid_search(values)
     if kind == "choice":
         return tune.choice(values)
-    if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values) or values[0] >= values[1]:
+    if (len(values) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            or not values[0] < values[1]):
         raise ConfigError(f"tune: search_space.{key}.{kind} needs [low, high] with low < high, got {values!r}")
     if kind == "loguniform" and values[0] <= 0:
         raise ConfigError(f"tune: search_space.{key}.loguniform needs low > 0, got {values!r}")

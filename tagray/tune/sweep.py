@@ -26,6 +26,7 @@ import time
 import numpy as np
 import torch
 
+from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
@@ -37,6 +38,7 @@ from tagray.tune.space import TuneConfig, head_config_class
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.csv"
+TRIAL_CHECKPOINTS_KEPT = 1  # per trial, by the sweep's metric; its latest checkpoint is kept besides
 
 
 class SweepData(SplitsData):
@@ -151,13 +153,14 @@ def experiment_name(sweep: TuneConfig, data: SweepData) -> str:
 
 
 def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig, normalizer: TagNormalizer,
-              endpoint_url: str | None = None) -> dict:
-    """Runs (or resumes) the sweep, writes the results table, the plot and the best model."""
+              endpoint_url: str | None = None, data: SweepData | None = None) -> dict:
+    """Runs (or resumes) the sweep, writes the results table, the plot and the best model.
+    `data`: the SweepData, when the caller read (and so checked) it before starting Ray."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     t0 = time.perf_counter()
-    data = SweepData(manifest_uri, features_uri, sweep, normalizer, endpoint_url)
+    data = data or SweepData(manifest_uri, features_uri, sweep, normalizer, endpoint_url)
     trial_fn = neighbors_trial if sweep.head == "neighbors" else refine_trial
     trainable = tune.with_resources(tune.with_parameters(trial_fn, data=data),
                                     {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus})
@@ -180,7 +183,7 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
                 search_alg=_seeded_search(sweep, concurrent),
             ),
             run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
+                                      checkpoint_config=checkpoint_config(sweep)),
         )
     print(f"[tune] {sweep.head} sweep: {concurrent} trial(s) at once; experiment → {path}", flush=True)
     t_fit = time.perf_counter()
@@ -200,8 +203,18 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
                "results": storage.join(out, RESULTS_FILE), "plot": plot, "experiment": path,
                "trials_seconds": fit_seconds, "seconds": time.perf_counter() - t0}
     summary["best_model"] = export_best(best, data, sweep, storage.join(out, "best_model"), endpoint_url)
-    storage.write_text(storage.join(out, "sweep.json"), json.dumps(summary, indent=1, default=str), endpoint_url)
+    storage.write_text(storage.join(out, "sweep.json"), jsonio.dumps(summary, "sweep.json", indent=1, default=str), endpoint_url)
     return summary
+
+
+def checkpoint_config(sweep: TuneConfig):
+    """Each trial keeps its TRIAL_CHECKPOINTS_KEPT best checkpoints by the sweep's metric (the
+    best epoch, which `export_best` exports) plus, always, its latest (Ray's checkpoint manager
+    never deletes that one: a resumed trial restarts from it); not one per epoch per trial."""
+    from ray import tune
+
+    return tune.CheckpointConfig(num_to_keep=TRIAL_CHECKPOINTS_KEPT, checkpoint_score_attribute=sweep.metric,
+                                 checkpoint_score_order="max")
 
 
 def _seeded_search(sweep: TuneConfig, concurrent: int):
@@ -285,7 +298,7 @@ def export_best(best, data: SweepData, sweep: TuneConfig, out: str, endpoint_url
                "best_epoch": int(state["epoch"]), "sweep_settings": _settings(best.config, sweep), "trial": best.path}
     save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     report = _best_report(model, state, cfg, data, sweep)
-    storage.write_text(storage.join(out, "report.json"), json.dumps(report, indent=1), endpoint_url)
+    storage.write_text(storage.join(out, "report.json"), jsonio.dumps(report, "report.json", indent=1), endpoint_url)
     return out
 
 
