@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tagray import jsonio
 from tagray.data import storage
 
 MANIFEST_REQUIRED = {
@@ -32,6 +33,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 SPLITS = ("train", "val", "test")
 BACKBONE_METADATA_KEY = b"tagray.backbone"
+IMPORT_HINT = "features computed elsewhere must be imported with `tagray features import SRC --out FEATURES --name NAME`"
 
 
 class SchemaError(ValueError):
@@ -111,17 +113,21 @@ def features_schema(dim: int) -> pa.Schema:
 
 
 def validate_features(schema: pa.Schema, source: str) -> int:
-    """Checks a features schema and returns its dimension D."""
-    validate(schema, source, {"image_id": pa.string()})
+    """Checks a features schema and returns its dimension D. A file in another layout is
+    most likely features computed elsewhere: the message says how to import them."""
+    try:
+        validate(schema, source, {"image_id": pa.string()})
+    except SchemaError as e:
+        raise SchemaError(f"{e}; {IMPORT_HINT}") from None
     if "feature" not in schema.names:
         raise SchemaError(
             f"{source}: missing column 'feature' (expected fixed_size_list<float32>[D]); "
-            f"columns present: {', '.join(schema.names)}"
+            f"columns present: {', '.join(schema.names)}; {IMPORT_HINT}"
         )
     ftype = schema.field("feature").type
     if not (pa.types.is_fixed_size_list(ftype) and ftype.value_type == pa.float32()):
         raise SchemaError(
-            f"{source}: column 'feature' has type {describe(ftype)}; expected fixed_size_list<float32>[D]"
+            f"{source}: column 'feature' has type {describe(ftype)}; expected fixed_size_list<float32>[D]; {IMPORT_HINT}"
         )
     return ftype.list_size
 
@@ -172,14 +178,24 @@ def write_manifest(table: pa.Table, uri: str, endpoint_url: str | None = None) -
 
 
 def backbone_identity(schema: pa.Schema) -> dict | None:
-    """The backbone identity stored in a features file's metadata, if any."""
+    """The backbone identity stored in a features file's metadata, if any: a torchvision
+    backbone's (no "kind"), or {"kind": "external", "name", "dim", "source", "source_digest", …}
+    written by `tagray features import`."""
     meta = schema.metadata or {}
     raw = meta.get(BACKBONE_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        identity = json.loads(raw)
+    except ValueError as e:
+        raise SchemaError(f"the '{BACKBONE_METADATA_KEY.decode()}' metadata is not JSON: {e}") from e
+    if not isinstance(identity, dict):
+        raise SchemaError(f"the '{BACKBONE_METADATA_KEY.decode()}' metadata is not a JSON object: {raw[:80]!r}")
+    return identity
 
 
 def with_backbone_identity(schema: pa.Schema, identity: dict) -> pa.Schema:
     """`schema` carrying `identity` (name, weights digest, preprocessing) in its metadata."""
     meta = dict(schema.metadata or {})
-    meta[BACKBONE_METADATA_KEY] = json.dumps(identity, sort_keys=True).encode()
+    meta[BACKBONE_METADATA_KEY] = jsonio.dumps(identity, "backbone identity", sort_keys=True).encode()
     return schema.with_metadata(meta)

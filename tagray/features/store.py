@@ -3,6 +3,11 @@
 so a killed run leaves nothing half-written behind and a re-run resumes from the
 shards that exist. Every shard carries the backbone identity; files of different
 backbones are never read together.
+
+Identities are of two kinds (`identity_kind`): "torchvision" (`tagray featurize`, no
+"kind" key: name, weights, weights_digest, preprocessing, dim) and "external"
+(`tagray features import`: name, dim, source, source_digest, format). A file without an
+identity is refused with a message naming `tagray features import`.
 """
 
 from __future__ import annotations
@@ -38,29 +43,86 @@ def feature_files(uri: str, endpoint_url: str | None = None) -> list[str]:
     return [storage.join(uri, n) for n in names if fnmatch.fnmatch(n, SHARD_PATTERN)]
 
 
-def comparable(identity: dict | None) -> dict | None:
-    """The identity fields that must match for features to be mixed (the weights' URI may
-    move; their digest may not), in JSON form so tuples and lists compare equal."""
+IMPORT_HINT = schema.IMPORT_HINT
+# Where a file may move without its features changing: the weights' and the source's URIs
+# (their digests stay in the identity and must match).
+MOVABLE = ("weights", "source", "ids")
+
+
+def missing_message(uri: str) -> str:
+    """What to say when `uri` holds no feature files at all."""
+    return (f"{uri}: no feature files (expected a .parquet file or {SHARD_PATTERN} shards, written by "
+            f"`tagray featurize`, or by `tagray features import` for features computed elsewhere)")
+
+
+def identity_kind(identity: dict | None) -> str | None:
+    """"external" (`tagray features import`) or "torchvision" (identities without a "kind",
+    written by `tagray featurize`; the synthetic corpus's too); None without an identity."""
     if identity is None:
         return None
-    return json.loads(json.dumps({k: v for k, v in identity.items() if k != "weights"}))
+    return str(identity.get("kind", "torchvision"))
+
+
+def comparable(identity: dict | None) -> dict | None:
+    """The identity fields that must match for features to be mixed (the weights' or the
+    source's URI may move; their digests may not), in JSON form so tuples and lists compare equal."""
+    if identity is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in identity.items() if k not in MOVABLE}))
+
+
+def describe_identity(identity: dict | None) -> str:
+    """One line naming features for messages: `external features 'clip' (sha256:ab12…, D=512)`
+    or `backbone 'resnet18' (weights random-seed-0, D=512)`."""
+    if identity is None:
+        return "features without an identity"
+    if identity_kind(identity) == "external":
+        digest = str(identity.get("source_digest", "?"))
+        return f"external features {identity.get('name')!r} ({digest[:19]}…, D={identity.get('dim')})"
+    return f"backbone {identity.get('name')!r} (weights {identity.get('weights_digest')}, D={identity.get('dim')})"
+
+
+def require_same(found: dict | None, trained_on: dict | None, features_uri: str, model_dir: str) -> None:
+    """SchemaError unless the features at `features_uri` are of the identity the model in
+    `model_dir` was trained on (what evaluate, calibrate, index and serve check)."""
+    if trained_on is not None and comparable(found) != comparable(trained_on):
+        if identity_kind(trained_on) == "external":
+            fix = f"import the same source under the same name with `tagray features import` ({trained_on.get('source')})"
+        else:
+            fix = "featurize with the same backbone and weights"
+        raise schema.SchemaError(
+            f"{features_uri}: {describe_identity(found)}, but {model_dir} was trained on "
+            f"{describe_identity(trained_on)}: {fix}"
+        )
 
 
 def features_identity(uri: str, endpoint_url: str | None = None) -> dict | None:
-    """The one backbone identity of all feature files at `uri` (None if there are none);
-    SchemaError when they mix backbones."""
+    """The one backbone identity of all feature files at `uri` (None if there are no files);
+    SchemaError when a file has no identity, its dimension disagrees with its column, or
+    the files mix backbones."""
     found: dict | None = None
     first = None
     for f in feature_files(uri, endpoint_url):
         fs, path = storage.filesystem_for(f, endpoint_url)
         s = pq.read_schema(path, filesystem=fs)
-        schema.validate_features(s, f)
-        ident = schema.backbone_identity(s)
+        dim = schema.validate_features(s, f)
+        try:
+            ident = schema.backbone_identity(s)
+        except schema.SchemaError as e:
+            raise schema.SchemaError(f"{f}: {e}") from None
+        if ident is None:
+            raise schema.SchemaError(
+                f"{f}: a feature file without an identity (no '{schema.BACKBONE_METADATA_KEY.decode()}' "
+                f"metadata), so tagray cannot tell which features these are; {IMPORT_HINT}"
+            )
+        if ident.get("dim") is not None and int(ident["dim"]) != dim:
+            raise schema.SchemaError(f"{f}: its identity says dim {ident['dim']}, its 'feature' column has {dim} values")
         if first is None:
             found, first = ident, f
         elif comparable(ident) != comparable(found):
             raise schema.SchemaError(
-                f"{uri}: mixes features of different backbones: {first} has {found}, {f} has {ident}"
+                f"{uri}: mixes features of different backbones: {first} holds {describe_identity(found)} "
+                f"{found}, {f} holds {describe_identity(ident)} {ident}"
             )
     return found
 
@@ -69,7 +131,7 @@ def read_features(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, 
     """All features at `uri` (a file or a shard directory) and their backbone identity."""
     files = feature_files(uri, endpoint_url)
     if not files:
-        raise FileNotFoundError(f"{uri}: no features (expected a .parquet file or {SHARD_PATTERN} shards)")
+        raise FileNotFoundError(missing_message(uri))
     identity = features_identity(uri, endpoint_url)
     fs, _ = storage.filesystem_for(uri, endpoint_url)
     paths = [storage.filesystem_for(f, endpoint_url)[1] for f in files]
@@ -144,4 +206,12 @@ class ShardWriter:
         fs.move(tmp_path, storage.filesystem_for(final, self.endpoint_url)[1])
         self.shards.append(final)
         self.rows += n
+
+    def abort(self) -> None:
+        """Deletes the shards this writer wrote (a failed import leaves nothing behind)."""
+        self.ids, self.feats, self.buffered = [], [], 0
+        for uri in self.shards:
+            fs, path = storage.filesystem_for(uri, self.endpoint_url)
+            fs.delete_file(path)
+        self.shards, self.rows = [], 0
 
