@@ -88,7 +88,7 @@ def main() -> None:
         from tagray.data.schema import write_manifest
 
         write_manifest(manifest.slice(0, n), sub)
-        cfg = FeaturizeConfig(backbone=name, weights="random", batch_size=args.batch_size)
+        cfg = FeaturizeConfig(backbone=name, weights="random", batch_size=args.batch_size, image_size=224, resize_size=256)
         model, _ = build_backbone(name, None)
         model = model.to(memory_format=torch.channels_last)
         dec = decode_cpu_seconds(uris[:200], cfg)

@@ -14,7 +14,11 @@ from tagray.data.schema import SchemaError
 from tagray.data.synth import SynthConfig, synthesize
 from tagray.features import store
 from tagray.features.pipeline import FeaturizeConfig, TooManyErrors, featurize
+from tests.hostile import HOSTILE_IMAGES
 from tests.images import bad_objects, odd_modes
+
+# decodable images whose naive decode is gigabytes (1×30000 → 256×7,680,000 before the crop)
+TALL_AND_WIDE = ("1x30000.png", "30000x2.jpg")
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +34,7 @@ def _corpus(root: str, images: int, seed: int, endpoint: str | None = None) -> p
     manifest = schema.read_manifest(out["manifest"], endpoint_url=endpoint).select(["image_id", "user_id", "uri", "tags"])
     good = storage.read_bytes(manifest.column("uri")[0].as_py(), endpoint)
     extra = {name: (data, None, None) for name, data in odd_modes().items()} | bad_objects(good)
+    extra |= {name: (HOSTILE_IMAGES[name](), None, None) for name in TALL_AND_WIDE}
     rows = []
     for name, (data, _, _) in extra.items():
         uri = storage.join(root, "extra", name)
@@ -53,7 +58,7 @@ def _check_first_run(summary, manifest, out, endpoint=None):
     assert schema.validate_features(table.schema, out) == 512
     assert identity["name"] == "resnet18" and identity["weights_digest"] == "random-seed-0"
     assert identity["image_size"] == 64 and identity["mean"] == [0.485, 0.456, 0.406]
-    assert {f"x-{m}" for m in odd_modes()} <= set(table.column("image_id").to_pylist())
+    assert {f"x-{m}" for m in [*odd_modes(), *TALL_AND_WIDE]} <= set(table.column("image_id").to_pylist())
     errors = store.read_errors(out, endpoint).to_pylist()
     assert sorted(e["image_id"] for e in errors) == sorted(f"x-{n}" for n in bad)
     for e in errors:
@@ -125,10 +130,10 @@ def test_error_fraction_fails_run_but_keeps_work(ray_local, tmp_path):
     manifest = _corpus(root, images=4, seed=1)
     m_uri = str(tmp_path / "m.parquet")
     schema.write_manifest(manifest, m_uri)
-    with pytest.raises(TooManyErrors, match=r"6 of 15 images failed \(40.0% > max_error_fraction 10.0%\)"):
+    with pytest.raises(TooManyErrors, match=r"6 of 17 images failed \(35.3% > max_error_fraction 10.0%\)"):
         featurize(m_uri, str(tmp_path / "f"), FeaturizeConfig(**{**CFG.__dict__, "max_error_fraction": 0.1}))
     assert pq.read_table(str(tmp_path / "f" / "errors.parquet")).num_rows == 6
-    assert store.read_features(str(tmp_path / "f"))[0].num_rows == 9
+    assert store.read_features(str(tmp_path / "f"))[0].num_rows == 11
 
 
 def test_s3_featurize_errors_resume(ray_local, s3_bucket, tmp_path):

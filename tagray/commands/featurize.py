@@ -4,13 +4,14 @@ with an error table and resume."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
+from tagray import jsonio
 from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import load_config, parse_overrides
-from tagray.features.pipeline import FeaturizeConfig, TooManyErrors, featurize
+from tagray.data import storage
+from tagray.features.pipeline import FeaturizeConfig, TooManyErrors, featurize, prepare_backbone
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, help="manifest (Parquet, local or s3://)")
     p.add_argument("--out", required=True, help="features directory (local or s3://); re-running resumes")
     p.add_argument("--config", default=None, help="YAML of FeaturizeConfig fields (e.g. configs/featurize.yaml)")
-    p.add_argument("--backbone", default=None, help="torchvision model name (default resnet50)")
-    p.add_argument("--weights", default=None, help="state_dict path or s3:// URI, or 'random' (explicitly)")
+    p.add_argument("--backbone", default=None,
+                   help="torchvision model name (default resnet50), or open_clip:<model> (open_clip:ViT-B-32: CLIP's image tower)")
+    p.add_argument("--weights", default=None,
+                   help="state_dict path or s3:// URI, a torchvision weights name (IMAGENET1K_V2, DEFAULT: from "
+                        "$TORCH_HOME's cache, downloaded when missing), or 'random' (explicitly)")
     p.add_argument("--batch-size", type=int, default=None, help="images per backbone call")
     p.add_argument("--actors", type=int, default=None, help="backbone actors (default: one per GPU, else per CPU)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
@@ -49,15 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
     cfg = load_config(FeaturizeConfig, args.config, overrides)
+    # Backbone name, crop, weights checked (and the model probed) before Ray starts: a bad setting is one line, at once.
+    prepared = prepare_backbone(cfg, args.endpoint_url)
+    if not storage.exists(args.manifest, args.endpoint_url):
+        raise FileNotFoundError(f"--manifest {args.manifest}: no such file")
     from tagray.runtime import init_ray
 
     init_ray(args.ray_address)
     try:
-        summary = featurize(args.manifest, args.out, cfg, endpoint_url=args.endpoint_url)
+        summary = featurize(args.manifest, args.out, cfg, endpoint_url=args.endpoint_url, prepared=prepared)
     except TooManyErrors as e:
         print(f"tagray featurize: failed: {e}", file=sys.stderr)
         return 1
     print(summary_line(summary))
     log.info("features → %s (%d new shards); errors → %s", args.out, len(summary["shards"]), summary["errors_file"])
-    print(json.dumps({k: summary[k] for k in ("out", "featurized", "errors", "errors_file")}, indent=1))
+    print(jsonio.dumps({k: summary[k] for k in ("out", "featurized", "errors", "errors_file")}, "featurize summary",
+                       indent=1))
     return 0

@@ -9,7 +9,6 @@ the same directory featurises only the image_ids without features yet.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -19,16 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tagray import jsonio
 from tagray.config import ConfigError, to_dict
 from tagray.data import schema, storage
-from tagray.features import store
+from tagray.features import open_clip_backbone, store
 from tagray.features.backbone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    RANDOM,
+    OPEN_CLIP,
+    TORCHVISION,
     BackboneIdentity,
     build_backbone,
-    read_weights,
+    check_name,
+    load_weights,
+    preprocessing,
 )
 from tagray.features.decode import fetch_and_decode
 from tagray.features.embed import Embedder
@@ -38,11 +39,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
-    backbone: str = "resnet50"  # torchvision model name (resnet18, resnet50, vit_b_16, …)
-    weights: str | None = None  # state_dict path or s3:// URI; "random" for seeded random weights
+    backbone: str = "resnet50"  # torchvision model name (resnet18, resnet50, vit_b_16, …) or open_clip:<model>
+    weights: str | None = None  # state_dict path or URI, torchvision weights name (IMAGENET1K_V2), or "random"
     seed: int = 0  # seed of random weights
-    image_size: int = 224  # square crop fed to the backbone
-    resize_size: int = 256  # shorter side before the centre crop
+    image_size: int | None = None  # square crop fed to the backbone; default the backbone's (224 for most)
+    resize_size: int | None = None  # shorter side before the centre crop; default the backbone's (torchvision 256)
     batch_size: int = 64  # images per backbone call
     decode_batch_size: int = 16  # images per fetch/decode task call
     actors: int | None = None  # backbone actors; default one per GPU, else one per CPU
@@ -55,12 +56,37 @@ class FeaturizeConfig:
     max_bytes: int = 50_000_000  # larger files are errors (fetch stage)
     max_pixels: int = 89_478_485  # larger images are errors (decompression bombs; PIL's default)
     max_error_fraction: float = 0.05  # the run fails when more of its images fail
+    # http(s) image URLs (tagray.data.http_fetch; the defaults are HttpSettings'):
+    http_timeout_s: float = 10.0  # connect timeout, and the longest wait for the next bytes
+    http_total_timeout_s: float = 60.0  # longest one attempt may take, redirects and body included
+    http_retries: int = 2  # further attempts after a connection error, a timeout, a 5xx or a 429
+    http_backoff_s: float = 0.5  # wait before retry k: http_backoff_s·2^k, jittered ×0.5–1
+    http_max_redirects: int = 5  # redirects followed per attempt (only to http/https)
+    allow_hosts: tuple[str, ...] = ()  # hosts images may come from (empty: any); ".example.com": and subdomains
 
     def __post_init__(self) -> None:
+        from tagray.data.http_fetch import check_settings
+
         if self.batch_size < 1 or self.decode_batch_size < 1 or self.shard_rows < 1:
             raise ConfigError("batch_size, decode_batch_size and shard_rows must be ≥ 1")
         if not 0 <= self.max_error_fraction <= 1:
             raise ConfigError(f"max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
+        at_least_one = {"image_size": self.image_size, "resize_size": self.resize_size, "actors": self.actors,
+                        "torch_threads": self.torch_threads, "block_rows": self.block_rows,
+                        "max_bytes": self.max_bytes, "max_pixels": self.max_pixels}
+        bad = [f"{k}={v}" for k, v in at_least_one.items() if v is not None and v < 1]
+        if bad:
+            raise ConfigError(f"{', '.join(bad)}: must be ≥ 1")
+        if self.image_size is not None and self.resize_size is not None and self.resize_size < self.image_size:
+            raise ConfigError(f"resize_size={self.resize_size} < image_size={self.image_size}: the crop is taken from "
+                              "the image resized to resize_size, so it must be at least image_size")
+        if self.decode_cpus <= 0 or (self.actor_cpus is not None and self.actor_cpus < 0) or self.seed < 0:
+            raise ConfigError(f"decode_cpus must be > 0, actor_cpus ≥ 0 and seed ≥ 0; got decode_cpus={self.decode_cpus}, "
+                              f"actor_cpus={self.actor_cpus}, seed={self.seed}")
+        if isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int) or self.max_bytes < 1:
+            raise ConfigError(f"max_bytes must be an integer ≥ 1, got {self.max_bytes!r}")
+        check_settings(self.http_timeout_s, self.http_total_timeout_s, self.http_retries, self.http_backoff_s,
+                       self.http_max_redirects, self.allow_hosts)
 
 
 class TooManyErrors(RuntimeError):
@@ -80,48 +106,56 @@ def _resources(cfg: FeaturizeConfig) -> tuple[bool, int, float]:
     return use_gpu, actors, actor_cpus
 
 
-def _load_weights(cfg: FeaturizeConfig, endpoint_url: str | None) -> tuple[dict | None, str]:
-    if cfg.weights is None:
-        raise ConfigError(
-            "no backbone weights given: pass --weights PATH or s3://… (a state_dict), "
-            "or --weights random to use randomly initialised weights on purpose"
-        )
-    if cfg.weights == RANDOM:
-        log.warning(
-            "!!! featurize is using RANDOMLY INITIALISED %s weights (seed %d), as asked. "
-            "Features will carry little meaning for real photos; this is recorded in the features' metadata.",
-            cfg.backbone,
-            cfg.seed,
-        )
-        return None, f"random-seed-{cfg.seed}"
-    return read_weights(cfg.weights, endpoint_url)
+@dataclass(frozen=True)
+class PreparedBackbone:
+    """A backbone whose settings were checked before any work: weights (None: random; for
+    open_clip only the image tower's) and the identity every shard records."""
+
+    state: dict | None
+    identity: dict
 
 
-def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: str | None = None) -> dict:
+def prepare_backbone(cfg: FeaturizeConfig, endpoint_url: str | None = None) -> PreparedBackbone:
+    """Name, crop and weights of `cfg` checked, and the model built and probed once at the crop
+    size: everything a run needs from the backbone, with no Ray (the command calls this before
+    Ray starts, so a bad setting is one line at once)."""
+    check_name(cfg.backbone)
+    pre = preprocessing(cfg.backbone, cfg.image_size, cfg.resize_size)
+    state, digest, recorded = load_weights(cfg.backbone, cfg.weights, cfg.seed, endpoint_url)
+    _, dim = build_backbone(cfg.backbone, state, cfg.seed, pre["image_size"])
+    kind = OPEN_CLIP if open_clip_backbone.is_open_clip(cfg.backbone) else TORCHVISION
+    identity = BackboneIdentity(
+        cfg.backbone, recorded, digest, pre["image_size"], pre["resize_size"], tuple(pre["mean"]), tuple(pre["std"]),
+        dim, kind, pre["interpolation"], pre["resize_mode"],
+    ).to_dict()
+    if state is not None and kind == OPEN_CLIP:
+        state = open_clip_backbone.image_state(state)  # the actors need no text tower
+    return PreparedBackbone(state, identity)
+
+
+def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: str | None = None,
+              prepared: PreparedBackbone | None = None) -> dict:
     """Featurises every image of the manifest not yet in `out` (earlier failures are tried
     again); returns the run's summary, also written to `out`/summary.json. Raises
-    TooManyErrors when the manifest's failed share exceeds max_error_fraction."""
+    TooManyErrors when the manifest's failed share exceeds max_error_fraction. `prepared`:
+    `prepare_backbone(cfg)` when the caller already did it."""
     import ray
 
     t_start = time.perf_counter()
     manifest = schema.read_manifest(manifest_uri, endpoint_url=endpoint_url).select(["image_id", "uri"])
-    state, digest = _load_weights(cfg, endpoint_url)
-    _, dim = build_backbone(cfg.backbone, state, cfg.seed)
-    identity = BackboneIdentity(
-        cfg.backbone, cfg.weights or "", digest, cfg.image_size, cfg.resize_size, IMAGENET_MEAN, IMAGENET_STD, dim
-    ).to_dict()
+    prepared = prepared or prepare_backbone(cfg, endpoint_url)
+    state, identity = prepared.state, prepared.identity
+    dim = identity["dim"]
     existing = store.features_identity(out, endpoint_url)
     if existing is not None and store.comparable(existing) != store.comparable(identity):
         raise schema.SchemaError(
-            f"{out} already holds features of another backbone ({existing['name']}, weights {existing['weights_digest']}, "
-            f"size {existing['image_size']}); this run is {identity['name']}, weights {digest}, size {cfg.image_size}: "
-            "write to another --out"
-        )
+            f"{storage.redact(out)} already holds features of another backbone ({store.describe_identity(existing)}); "
+            f"this run is {store.describe_identity(identity)}, size {identity['image_size']}: write to another --out")
     done = store.featurized_ids(out, endpoint_url)
     pending = manifest.filter(pc.invert(pc.is_in(manifest.column("image_id"), value_set=done)))
     summary: dict = {
-        "manifest": manifest_uri,
-        "out": out,
+        "manifest": storage.redact(manifest_uri),
+        "out": storage.redact(out),
         "backbone": identity,
         "config": to_dict(cfg),
         "images_in_manifest": manifest.num_rows,
@@ -141,11 +175,14 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         ds = ray.data.from_arrow(blocks).map_batches(
             fetch_and_decode,
             fn_kwargs={
-                "image_size": cfg.image_size,
-                "resize_size": cfg.resize_size,
+                "image_size": identity["image_size"],
+                "resize_size": identity["resize_size"],
                 "max_bytes": cfg.max_bytes,
                 "max_pixels": cfg.max_pixels,
                 "endpoint_url": endpoint_url,
+                "http": {k: getattr(cfg, k) for k in (
+                    "http_timeout_s", "http_total_timeout_s", "http_retries", "http_backoff_s",
+                    "http_max_redirects", "allow_hosts")},
             },
             batch_size=cfg.decode_batch_size,
             batch_format="pyarrow",
@@ -157,8 +194,8 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
                 "weights_ref": weights_ref,
                 "seed": cfg.seed,
                 "torch_threads": cfg.torch_threads,
-                "mean": IMAGENET_MEAN,
-                "std": IMAGENET_STD,
+                "mean": identity["mean"],
+                "std": identity["std"],
             },
             batch_size=cfg.batch_size,
             num_cpus=actor_cpus,
@@ -174,7 +211,8 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
             ok = batch["reason"] == ""
             writer.add(batch["image_id"][ok], batch["feature"][ok])
             for i in np.nonzero(~ok)[0]:
-                errors.append({k: str(batch[k][i]) for k in ("image_id", "uri", "stage", "reason")})
+                errors.append({k: None if batch[k][i] is None else str(batch[k][i])
+                               for k in ("image_id", "uri", "stage", "reason")})
         writer.close()
         summary["pipeline_seconds"] = time.perf_counter() - t0
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]
@@ -193,11 +231,11 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
     summary["errors_total"] = all_errors.num_rows
     summary["error_fraction"] = all_errors.num_rows / manifest.num_rows
     summary["seconds"] = time.perf_counter() - t_start
-    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=1, default=str), endpoint_url)
+    storage.write_text(storage.join(out, "summary.json"), jsonio.dumps(summary, "summary.json", indent=1, default=str), endpoint_url)
     if summary["error_fraction"] > cfg.max_error_fraction:
         raise TooManyErrors(
             f"{all_errors.num_rows} of {manifest.num_rows} images failed ({summary['error_fraction']:.1%} > "
-            f"max_error_fraction {cfg.max_error_fraction:.1%}); features of the others are kept in {out}, "
+            f"max_error_fraction {cfg.max_error_fraction:.1%}); features of the others are kept in {storage.redact(out)}, "
             f"the failures are listed in {summary['errors_file']}"
         )
     return summary
