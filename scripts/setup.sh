@@ -25,5 +25,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+bash scripts/setup_system.sh
 bash scripts/setup_wordnet.sh "$VENV/bin/python"
 echo "[setup] ready: $VENV/bin/tagray"

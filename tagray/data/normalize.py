@@ -17,7 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import unquote
+from urllib.parse import unquote_plus
 
 import numpy as np
 import pyarrow as pa
@@ -116,8 +116,9 @@ class TagNormalizer:
         return ident
 
     def clean(self, raw: str) -> str:
-        """URL-decode, lower-case, strip, collapse inner whitespace, drop a leading '#'."""
-        tag = unquote(raw).lower().strip().lstrip("#")
+        """URL-decode (`+` is a space, as in YFCC100M's tags), lower-case, strip, collapse inner
+        whitespace, drop a leading '#'."""
+        tag = unquote_plus(raw).lower().strip().lstrip("#")
         return " ".join(tag.split())
 
     def normalize_tag(self, raw: str) -> str | None:
@@ -228,9 +229,9 @@ class Vocabulary:
         if cfg.top_k is not None:
             pairs = pairs[: cfg.top_k]
         if not pairs:
-            raise ValueError(
-                f"empty vocabulary: no tag is on at least min_images={cfg.min_images} images"
-            )
+            from tagray.data.schema import SchemaError
+
+            raise SchemaError(f"empty vocabulary: no tag is on at least min_images={cfg.min_images} images")
         return cls(tuple(t for _, t in pairs), tuple(c for c, _ in pairs), normalizer.identity())
 
     def to_coo(self, normalized: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +240,11 @@ class Vocabulary:
 
     def save(self, directory: str) -> None:
         """Writes `normalizer.json` and `vocabulary.json` into `directory` (a model dir)."""
-        storage.write_text(storage.join(directory, NORMALIZER_FILE), json.dumps(self.normalizer, indent=2))
+        from tagray import jsonio
+
+        storage.write_text(storage.join(directory, NORMALIZER_FILE), jsonio.dumps(self.normalizer, NORMALIZER_FILE, indent=2))
         body = {"version": self.version, "tags": list(self.tags), "counts": list(self.counts)}
-        storage.write_text(storage.join(directory, VOCABULARY_FILE), json.dumps(body))
+        storage.write_text(storage.join(directory, VOCABULARY_FILE), jsonio.dumps(body, VOCABULARY_FILE))
 
     @classmethod
     def load(cls, directory: str, expected: TagNormalizer | None = None) -> Vocabulary:
