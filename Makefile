@@ -3,7 +3,10 @@
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean image push
+# Cluster images (docker/Dockerfile): REGISTRY/tagray:VERSION-cpu and -cuda; clusters/*.yaml name ghcr.io/your-org.
+REGISTRY ?= ghcr.io/your-org
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 setup:
 	bash scripts/setup.sh
 
@@ -20,3 +23,11 @@ lint: setup
 
 clean:
 	rm -rf runs/ .pytest_cache
+
+image:
+	docker build -f docker/Dockerfile --target cpu -t $(REGISTRY)/tagray:$(VERSION)-cpu .
+	docker build -f docker/Dockerfile --target cuda -t $(REGISTRY)/tagray:$(VERSION)-cuda .
+
+push: image
+	docker push $(REGISTRY)/tagray:$(VERSION)-cpu
+	docker push $(REGISTRY)/tagray:$(VERSION)-cuda

@@ -6,10 +6,12 @@ import importlib
 import sys
 
 COMMANDS = {
+    "import": "a corpus into a manifest: mirflickr, nuswide, yfcc100m, or a photo folder (XMP/IPTC keywords)",
     "synth": "generate a synthetic tagged-photo corpus",
     "split": "assign train/val/test splits by user",
     "stats": "tag statistics and plots of a manifest",
     "featurize": "images → backbone features on Ray Data (sharded Parquet, errors, resume)",
+    "features": "features computed elsewhere (Parquet, .npy, NUS-WIDE files) → tagray's feature shards",
     "train": "train a LR / RLR / word-embedding / neighbourhood / refinement head on Ray Train (resumable)",
     "tune": "Ray Tune sweep of the neighbors or refine head (ASHA on validation mAP), best model exported",
     "refine": "refined tag scores of the training images from a refine model (seed 002)",
@@ -18,8 +20,12 @@ COMMANDS = {
     "index": "embed head: a faiss index of every featurized image, for search",
     "search": "embed head: images for any vocabulary words, or words for an image",
     "serve": "Ray Serve app: POST /v1/tag, GET /v1/search, the page at /",
+    "keys": "API keys for the Serve app: a new key and the hash entry the server holds",
     "demo": "run every stage end to end on generated data",
+    "setup": "install what tagray needs at run time (WordNet for nltk)",
 }
+# Commands whose name is not a module name (`import` is a Python keyword).
+MODULES = {"import": "importer"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ntagray: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(f"tagray.commands.{argv[0]}")
+    module = importlib.import_module(f"tagray.commands.{MODULES.get(argv[0], argv[0])}")
     return module.main(argv[1:])
 
 

@@ -3,44 +3,70 @@
 Each stage owns one dataclass whose field defaults are the only place a default is
 defined; YAML files in `configs/`, `tune_configs/` and `serve_configs/` override
 fields. Unknown keys and wrong types are errors that name the file and the key.
+
+tagray's own `configs/*.yaml` are package data (`tagray/configs/`, read through
+`importlib.resources`), so an installed wheel finds them without a checkout: a config
+name that is not a file here (`rlr.yaml`, or `configs/rlr.yaml` as the README writes it)
+is looked up there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from pathlib import Path
-from typing import Any, TypeVar
+from importlib.resources import files
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 C = TypeVar("C")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
+# The configs that ship with tagray (package data; a Path for every installed or editable copy).
+CONFIG_DIR: Traversable = files("tagray") / "configs"
+# How the README and the YAML headers name them: `--config configs/rlr.yaml` works from any
+# directory that has no `configs/rlr.yaml` of its own.
+CONFIG_PREFIX = "configs"
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A config path as given, else relative to the project's `configs/` folder."""
+def resolve_config_path(name: str | Path | Traversable) -> Path | Traversable:
+    """The config file `name`: the path as given when it is a file (relative to the working
+    directory), else the packaged config of that name (`rlr.yaml`, `configs/rlr.yaml`)."""
+    if not isinstance(name, (str, Path)):  # already a packaged resource (CONFIG_DIR / "x.yaml")
+        if name.is_file():
+            return name
+        raise ConfigError(f"config file {name} not found")
     path = Path(name)
-    if path.exists():
+    if path.is_file():
         return path
-    candidate = CONFIG_DIR / path
-    if candidate.exists():
-        return candidate
-    raise ConfigError(f"config file {name} not found (looked in . and {CONFIG_DIR})")
+    if not path.is_absolute():
+        parts = PurePosixPath(path.as_posix()).parts
+        if parts[:1] == (CONFIG_PREFIX,):
+            parts = parts[1:]
+        candidate = CONFIG_DIR.joinpath(*parts) if parts else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+    if not CONFIG_DIR.is_dir():
+        raise ConfigError(f"config file {name} not found in {Path.cwd()}, and this tagray install lacks its own "
+                          f"configs ({CONFIG_DIR}): reinstall tagray from a wheel built with its package data")
+    shipped = ", ".join(sorted(p.name for p in CONFIG_DIR.iterdir() if p.name.endswith(".yaml")))
+    raise ConfigError(f"config file {name} not found (looked in {Path.cwd()} and in tagray's own configs: {shipped})")
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
     """A YAML mapping from `path` (empty file → empty mapping)."""
     path = resolve_config_path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -126,9 +152,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # nan passes every `x <= 0` range check and inf trains to a NaN model: refuse both here
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if hint is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
-from tagray.data.wordnet import LOCAL_NLTK_DATA
+from tagray.data.wordnet import search_dirs
 
 log = logging.getLogger(__name__)
 
-# Settings a Ray worker needs to see the same storage and WordNet as the driver.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Settings a Ray worker needs to see the same storage and WordNet as the driver. Never
+# credentials: a runtime_env is stored in the job's metadata (dashboard, `ray job list`);
+# workers get theirs from the cluster's credential chain (instance profile, IRSA) or, on a
+# one-machine cluster, from the environment of the process that started Ray.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -21,7 +24,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env["NLTK_DATA"] = os.environ.get("NLTK_DATA", str(LOCAL_NLTK_DATA))
+    env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
     ray.init(
         address=address,
         num_cpus=num_cpus if not (address or os.environ.get("RAY_ADDRESS")) else None,

@@ -14,13 +14,13 @@ from tagray.features.pipeline import FeaturizeConfig
 REPO = Path(__file__).resolve().parent.parent
 # Every YAML tagray reads, and the dataclass (or loader) that validates it.
 CONFIG_CLASSES = {
-    "configs/normalize.yaml": NormalizerConfig,
-    "configs/synth.yaml": SynthConfig,
-    "configs/split.yaml": SplitConfig,
-    "configs/featurize.yaml": FeaturizeConfig,
+    "tagray/configs/normalize.yaml": NormalizerConfig,
+    "tagray/configs/synth.yaml": SynthConfig,
+    "tagray/configs/split.yaml": SplitConfig,
+    "tagray/configs/featurize.yaml": FeaturizeConfig,
 }
 # `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
-TRAIN_CONFIGS = ("configs/lr.yaml", "configs/rlr.yaml", "configs/embed.yaml", "configs/neighbors.yaml", "configs/refine.yaml")
+TRAIN_CONFIGS = ("tagray/configs/lr.yaml", "tagray/configs/rlr.yaml", "tagray/configs/embed.yaml", "tagray/configs/neighbors.yaml", "tagray/configs/refine.yaml")
 # `tagray tune` sweeps: TuneConfig.
 TUNE_CONFIGS = ("tune_configs/neighbors.yaml", "tune_configs/refine.yaml")
 # Ray Serve configs: applications[0].args are ServeConfig fields; deployments name ours.
@@ -30,10 +30,10 @@ CLUSTER_CONFIGS = ("clusters/aws-gpu.yaml", "clusters/local.yaml", "clusters/ray
 
 
 def test_every_config_file_is_known_and_loads():
-    found = {str(p.relative_to(REPO)) for d in ("configs", "tune_configs", "serve_configs", "clusters")
+    found = {str(p.relative_to(REPO)) for d in ("tagray/configs", "tune_configs", "serve_configs", "clusters")
              for p in (REPO / d).glob("*.yaml")}
     known = set(CONFIG_CLASSES) | set(TRAIN_CONFIGS) | set(SERVE_CONFIGS) | set(CLUSTER_CONFIGS) | set(TUNE_CONFIGS)
-    assert found == known | {"configs/non_image_tags.yaml"}
+    assert found == known | {"tagray/configs/non_image_tags.yaml"}
     from tagray.commands.train import load_settings
 
     for rel in TRAIN_CONFIGS:
@@ -96,7 +96,10 @@ def test_serve_config_args_are_serve_config_fields():
         assert cfg.model and cfg.batch_size >= 1
         app = load_yaml(REPO / rel)["applications"][0]
         assert app["import_path"] == "tagray.serve.app:build_app"
-        assert {d["name"] for d in app["deployments"]} <= {"Tagger", "Searcher", "Ingress"}
+        assert {d["name"] for d in app.get("deployments") or []} <= {"Tagger", "Searcher", "Ingress"}
+        if not cfg.index:  # a Searcher entry without an index makes Serve refuse the config
+            assert "Searcher" not in {d["name"] for d in app.get("deployments") or []}
+        assert text.count(cfg.model) == 1, f"{rel}: the model path is written more than once"
     with pytest.raises(ConfigError, match="unknown key"):
         from_dict(ServeConfig, {"model": "m", "batchsize": 3}, "args")
 
