@@ -16,7 +16,7 @@ demo: setup
 test: setup
 	bash scripts/setup_browser.sh
 	$(VENV)/bin/ruff check tagray tests benchmarks scripts
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check tagray tests benchmarks scripts
