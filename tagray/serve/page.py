@@ -22,6 +22,7 @@ STYLE = """
  #drop { border: 2px dashed #999; padding: 1.2rem; text-align: center; border-radius: .5rem; }
  #drop.over { background: #eef; } .error { color: #b00; } table { border-collapse: collapse; margin-top: .6rem; }
  td, th { padding: .2rem .8rem; text-align: left; border-bottom: 1px solid #ddd; }
+ td button { padding: .1rem .5rem; font-size: .85rem; margin-right: .3rem; } .saved { color: #070; }
 """
 
 SCRIPT = """
@@ -50,9 +51,17 @@ function showError(target, message) { target.replaceChildren(el('span', { classN
 async function errorOf(r) {
   try { const e = (await r.json()).error; return (e && (e.message || e)) || r.statusText; } catch { return r.statusText; }
 }
+let feedback = false;
 async function loadModel() {
   const r = await api('/v1/model');
-  if (r.ok) { const m = await r.json(); $('model').textContent = `${m.head} · ${m.tags} tags`; }
+  if (r.ok) { const m = await r.json(); feedback = !!m.feedback; $('model').textContent = `${m.head} · ${m.tags} tags`; }
+}
+async function judge(upload, tag, verdict, cell) {  // a user's verdict on a suggested tag → POST /v1/feedback
+  const request_id = Date.now().toString(36) + '-' + Math.random().toString(36).slice(2);
+  const r = await api('/v1/feedback', { method: 'POST', headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ request_id, verdicts: [{ upload_sha256: upload, tag, verdict }] }) });
+  cell.replaceChildren(r.ok ? el('span', { className: 'saved' }, verdict === 'present' ? 'confirmed' : 'rejected')
+                            : el('span', { className: 'error' }, await errorOf(r)));
 }
 loadModel();
 $('search').addEventListener('submit', async (e) => {
@@ -75,10 +84,21 @@ async function tagFile(file) {
   const r = await api('/v1/tag?k=8', { method: 'POST', body: data });
   if (!r.ok) { showError($('tag-status'), await errorOf(r)); return; }
   const body = await r.json(); $('tag-status').textContent = file.name;
-  $('tags').append(el('tr', {}, el('th', {}, 'tag'), el('th', {}, 'P(in image)'), el('th', {}, 'P(user tags it)')));
+  $('tags').append(el('tr', {}, el('th', {}, 'tag'), el('th', {}, 'P(in image)'), el('th', {}, 'P(user tags it)'),
+    ...(feedback ? [el('th', {}, 'right?')] : [])));
   for (const t of body.tags) {
-    $('tags').append(el('tr', { className: 'tag' }, el('td', {}, t.tag),
-      el('td', {}, Number(t.p_true).toFixed(3)), el('td', {}, Number(t.p_user).toFixed(3))));
+    const row = el('tr', { className: 'tag' }, el('td', {}, t.tag),
+      el('td', {}, Number(t.p_true).toFixed(3)), el('td', {}, Number(t.p_user).toFixed(3)));
+    if (feedback) {
+      const cell = el('td', {});
+      for (const [verdict, label] of [['present', 'yes'], ['absent', 'no']]) {
+        const b = el('button', { className: 'verdict-' + verdict, type: 'button' }, label);
+        b.addEventListener('click', () => judge(body.upload_sha256, t.tag, verdict, cell));
+        cell.append(b);
+      }
+      row.append(cell);
+    }
+    $('tags').append(row);
   }
 }
 $('file').addEventListener('change', (e) => { if (e.target.files.length) tagFile(e.target.files[0]); });

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     model: str = ""  # model directory (lr/rlr/refine, calibrated or not, or embed); required
     index: str | None = None  # index directory (tagray index) for /v1/search; None: tagging only, search → 503
+    feedback: str | None = None  # verdict store for POST /v1/feedback: sqlite:///PATH (relative to base_dir); None: 503
     weights: str | None = None  # backbone weights; default: the URI recorded in the model's backbone identity
     buckets: tuple[str, ...] = ()  # object-store buckets /v1/tag may read {"uri": "s3://bucket/key"} from
     endpoint_url: str | None = None  # S3-compatible endpoint for those reads
@@ -73,6 +74,13 @@ class ServeConfig:
             parse_entries(self.api_keys, "api_keys")
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.feedback is not None:
+            from tagray.data.feedback import FeedbackError, sqlite_path
+
+            try:
+                sqlite_path(self.feedback)
+            except FeedbackError as e:
+                raise ConfigError(str(e)) from None
         bad = [b for b in self.buckets if not b or "/" in b or "://" in b]
         if bad:
             raise ConfigError(f"buckets are bucket names (no s3:// or /), got {bad}")
