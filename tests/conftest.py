@@ -34,6 +34,10 @@ def ray_local():
     ray.shutdown()
 
 
+# Loopback servers are reached directly, whatever proxy the environment names.
+_direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,7 +59,7 @@ def s3_endpoint(tmp_path_factory):
     deadline = time.monotonic() + 60
     while True:  # poll until the server answers (bounded), not a fixed sleep
         try:
-            urllib.request.urlopen(url, timeout=1)
+            _direct.open(url, timeout=1)
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -125,3 +129,12 @@ def serve_app(demo_run, serve_bucket):
     yield {"url": url, "out": out, "args": args, "endpoint": endpoint, "bucket": bucket,
            "uris": manifest.column("uri").to_pylist()[:20]}
     serve.shutdown()
+
+
+@pytest.fixture
+def app(serve_app):
+    """The Serve app with the default model and settings (redeployed if a test changed them)."""
+    from tests.serving import deploy
+
+    deploy(serve_app, serve_app["args"])
+    return serve_app

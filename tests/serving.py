@@ -52,3 +52,17 @@ def memory_mb(pid: int) -> dict[str, float]:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) / 1024
     return fields
+
+
+def deploy(app: dict, args: dict) -> None:
+    """Deploys the app with `args` unless that is what runs already (tests that need another
+    model or settings deploy it; the next test that needs the default puts it back, once)."""
+    from ray import serve
+
+    from tagray.serve.app import build_app
+
+    if app.get("running") == args:
+        return
+    app["running"] = None  # unknown until this deploy has succeeded
+    serve.run(build_app(args), name="tagray", route_prefix="/")
+    app["running"] = dict(args)

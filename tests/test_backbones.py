@@ -176,7 +176,12 @@ def test_torchvision_weights_by_name_come_from_torchs_cache(tmp_path, monkeypatc
 
 
 def test_torchvision_weights_not_cached_and_not_downloadable(tmp_path, monkeypatch):
+    import urllib.request
+
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # urllib builds its global opener, proxies included, on first use: keep the one this test's
+    # closed proxy would leave behind from outliving it (every later urlopen would go through it)
+    monkeypatch.setattr(urllib.request, "_opener", None)
     # No network here; the closed proxy port makes the download fail at once wherever this runs.
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")

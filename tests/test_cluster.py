@@ -214,7 +214,7 @@ def _wait_for_dashboard(url: str, head: subprocess.Popen, timeout: float = 120.0
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=2)
             return
         except urllib.error.HTTPError:  # it answers (401 without a token: token authentication is on)
             return

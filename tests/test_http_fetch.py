@@ -235,7 +235,8 @@ def test_body_without_length_cut_off_at_max_bytes(server, kind):
     assert state.done.setdefault(path, threading.Event()).wait(timeout=10), "the server kept sending"
     # What the server got out before the connection closed: the bytes read, one chunk, and
     # what the loopback socket buffers held (measured: 13 KB over, at 200 KB); far from 64 MiB.
-    assert max_bytes < state.sent[path] <= max_bytes + CHUNK_BYTES + 1024 * 1024, state.sent[path]
+    # (the lower bound is loose: a write the server was in when the client closed is not counted)
+    assert max_bytes - CHUNK_BYTES < state.sent[path] <= max_bytes + CHUNK_BYTES + 1024 * 1024, state.sent[path]
 
 
 def test_content_length_over_max_bytes_refused_before_reading(server):

@@ -15,12 +15,7 @@ import requests
 
 from tagray.data import storage
 from tagray.serve.service import SearchService, ServeConfig, TaggingService
-from tests.serving import error_of, tag_request, wait_for
-
-
-@pytest.fixture
-def app(serve_app):
-    return serve_app
+from tests.serving import deploy, error_of, tag_request, wait_for
 
 
 @pytest.mark.integration
@@ -135,12 +130,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app):
 @pytest.mark.integration
 def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     import ray
-    from ray import serve
     from ray.util.state import list_actors
 
     from tagray.features.store import read_features
     from tagray.heads.models import load_model
-    from tagray.serve.app import build_app
     from tagray.serve.index import build_prediction_index, save_prediction_index
 
     data = storage.read_bytes(app["uris"][3])
@@ -148,12 +141,12 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     new_index = str(app["out"] / "index_rlr_uncalibrated")
     features, _ = read_features(str(app["out"] / "features"))
     save_prediction_index(build_prediction_index(load_model(new_model), features, None, new_model), new_index)
-    serve.run(build_app({**app["args"], "model": new_model, "index": new_index}), name="tagray", route_prefix="/")
+    deploy(app, {**app["args"], "model": new_model, "index": new_index})
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == "model_rlr"
     assert tag_request(app, data).status_code == 200
     # The embedding head: open-vocabulary search through its faiss index, same answers as the demo's.
     embed = {**app["args"], "model": str(app["out"] / "model_embed"), "index": str(app["out"] / "index_embed")}
-    serve.run(build_app(embed), name="tagray", route_prefix="/")
+    deploy(app, embed)
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["head"] == "embed"
     searches = json.loads((app["out"] / "summary.json").read_text())["stages"]["embed"]["searches"]
     for query, hits in searches.items():
@@ -161,7 +154,7 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
         assert r.status_code == 200, r.text
         assert [i["image_id"] for i in r.json()["images"]] == [h["image_id"] for h in hits]
     assert tag_request(app, data).status_code == 200
-    serve.run(build_app(app["args"]), name="tagray", route_prefix="/")  # and back
+    deploy(app, app["args"])  # and back
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == "model_rlr_calibrated"
 
     tagger = [a for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]) if "Tagger" in (a.class_name or "")]
@@ -255,43 +248,35 @@ def _model_copy(src: Path, dst: Path, rename: dict[str, str] | None = None, back
 def test_tagging_only_and_a_model_of_external_features(app, tmp_path):
     """Without an index the app tags and /v1/search is a 503 naming the missing index; a model of
     features from elsewhere searches but refuses /v1/tag with a 409 (no backbone to run)."""
-    from ray import serve
 
-    from tagray.serve.app import build_app
 
     data = storage.read_bytes(app["uris"][0])
-    try:
-        serve.run(build_app({**app["args"], "index": None}), name="tagray", route_prefix="/")
-        assert tag_request(app, data).status_code == 200
-        r = requests.get(f"{app['url']}v1/search", params={"q": "x"}, timeout=30)
-        assert r.status_code == 503 and error_of(r)["code"] == "no_index" and "--index" in error_of(r)["message"]
-        assert requests.get(f"{app['url']}v1/model", timeout=30).json()["search"] is False
-
-        dim = json.loads((Path(app["args"]["model"]) / "model.json").read_text())["backbone"]["dim"]
-        external = _model_copy(Path(app["args"]["model"]), tmp_path / "external", backbone={
-            "kind": "external", "name": "clip-from-elsewhere", "dim": dim, "source": "features.npy",
-            "source_digest": "sha256:" + "0" * 64})
-        serve.run(build_app({**app["args"], "model": external}), name="tagray", route_prefix="/")
-        r = tag_request(app, data)
-        assert r.status_code == 409 and error_of(r)["code"] == "no_backbone" and "clip-from-elsewhere" in r.text
-        known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
-        r = requests.get(f"{app['url']}v1/search", params={"q": known, "k": 3}, timeout=30)
-        assert r.status_code == 200 and len(r.json()["images"]) == 3, r.text
-        assert requests.get(f"{app['url']}v1/model", timeout=30).json()["tagging"] is False
-    finally:
-        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
+    deploy(app, {**app["args"], "index": None})
     assert tag_request(app, data).status_code == 200
+    r = requests.get(f"{app['url']}v1/search", params={"q": "x"}, timeout=30)
+    assert r.status_code == 503 and error_of(r)["code"] == "no_index" and "--index" in error_of(r)["message"]
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["search"] is False
+
+    dim = json.loads((Path(app["args"]["model"]) / "model.json").read_text())["backbone"]["dim"]
+    external = _model_copy(Path(app["args"]["model"]), tmp_path / "external", backbone={
+        "kind": "external", "name": "clip-from-elsewhere", "dim": dim, "source": "features.npy",
+        "source_digest": "sha256:" + "0" * 64})
+    deploy(app, {**app["args"], "model": external})
+    r = tag_request(app, data)
+    assert r.status_code == 409 and error_of(r)["code"] == "no_backbone" and "clip-from-elsewhere" in r.text
+    known = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][0]
+    r = requests.get(f"{app['url']}v1/search", params={"q": known, "k": 3}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["images"]) == 3, r.text
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["tagging"] is False
 
 
 @pytest.mark.integration
 def test_page_shows_html_in_tags_as_text_and_runs_no_script(app, tmp_path):
     """Tags are unfiltered user input: a tag holding HTML is shown as text by the page, in
     headless Chromium, and no script of it runs (textContent everywhere, and a CSP)."""
-    from ray import serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tagray.serve.app import build_app
 
     photo = app["uris"][5]
     top = [t["tag"] for t in tag_request(app, storage.read_bytes(photo), k=8).json()["tags"]]
@@ -302,7 +287,7 @@ def test_page_shows_html_in_tags_as_text_and_runs_no_script(app, tmp_path):
     assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
     driver = _chromium()
     try:
-        serve.run(build_app({**app["args"], "model": hostile}), name="tagray", route_prefix="/")
+        deploy(app, {**app["args"], "model": hostile})
         assert tag_request(app, storage.read_bytes(photo), k=2).json()["tags"][0]["tag"] == payloads[0]
         driver.get(app["url"])
         wait = WebDriverWait(driver, 60)
@@ -317,7 +302,6 @@ def test_page_shows_html_in_tags_as_text_and_runs_no_script(app, tmp_path):
                                      ".length") == 0
     finally:
         driver.quit()
-        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
 
 
 def _chromium():
@@ -333,11 +317,9 @@ def _chromium():
 
 @pytest.mark.integration
 def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
-    from ray import serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tagray.serve.app import build_app
     from tagray.serve.auth import entry_for, new_key
 
     reader, writer = new_key(), new_key()
@@ -351,7 +333,7 @@ def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
 
     driver = _chromium()
     try:
-        serve.run(build_app({**app["args"], "api_keys": keys}), name="tagray", route_prefix="/")
+        deploy(app, {**app["args"], "api_keys": keys})
         assert get("healthz").status_code == 200 and get("").status_code == 200  # probes and the page stay open
         for path in ("v1/tags", "v1/model", "v1/search"):
             r = get(path, q=known)
@@ -378,8 +360,7 @@ def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
         wait.until(lambda d: d.execute_script(
             "return [...document.querySelectorAll('figure.result img')].every(i => i.complete && i.naturalWidth > 0)"))
 
-        serve.run(build_app({**app["args"], "api_keys": keys, "rate_limit_per_s": 0.5, "rate_limit_burst": 3}),
-                  name="tagray", route_prefix="/")
+        deploy(app, {**app["args"], "api_keys": keys, "rate_limit_per_s": 0.5, "rate_limit_burst": 3})
         statuses = [get("v1/tags", reader).status_code for _ in range(5)]
         assert statuses[:3] == [200, 200, 200] and statuses[-1] == 429, statuses
         r = get("v1/tags", reader)
@@ -387,7 +368,6 @@ def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
         assert get("v1/tags", writer).status_code == 403  # the other key's bucket is untouched
     finally:
         driver.quit()
-        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
 
 
 @pytest.mark.integration
@@ -399,12 +379,10 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     import signal
     import threading
 
-    from ray import serve
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     from tagray.data.feedback import FeedbackStore
-    from tagray.serve.app import build_app
     from tagray.serve.auth import entry_for, new_key
     from tests.serving import actor_pid
 
@@ -423,7 +401,7 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
 
     driver = _chromium()
     try:
-        serve.run(build_app(args), name="tagray", route_prefix="/")
+        deploy(app, args)
         one = {"image_id": images[0], "tag": tags[0], "verdict": "present"}
         cases = [
             (post({"verdicts": [one]}, key=None), 401, "unauthorized"),
@@ -508,4 +486,3 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
         assert not from_page[1]["present"]
     finally:
         driver.quit()
-        serve.run(build_app(app["args"]), name="tagray", route_prefix="/")
