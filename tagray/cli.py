@@ -18,6 +18,7 @@ COMMANDS = {
     "calibrate": "fit per-tag intercepts β on labelled images (W frozen)",
     "evaluate": "tag prediction, annotation, retrieval metrics with baselines",
     "index": "embed head: a faiss index of every featurized image, for search",
+    "export": "each image's user and predicted tags (P(z) above a threshold) as XMP sidecars, jsonl or csv",
     "search": "embed head: images for any vocabulary words, or words for an image",
     "serve": "Ray Serve app: POST /v1/tag, GET /v1/search, the page at /",
     "keys": "API keys for the Serve app: a new key and the hash entry the server holds",

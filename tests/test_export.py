@@ -327,3 +327,12 @@ def test_export_to_s3(setup, s3_bucket, tmp_path):
     assert {r["image_id"]: {d["tag"] for d in r["predicted"]} for r in lines} == {i: set(w) for i, w in want.items()}
     summary = json.loads(storage.read_text(f"{out}/export_summary.json", endpoint))
     assert summary["format"] == "jsonl" and summary["images"] == 200
+
+
+def test_import_folder_reads_back_the_user_tags_not_the_predictions(setup, tmp_path):
+    from tagray.data.importers.folder import xmp_keywords
+
+    assert run_export(setup, tmp_path / "x", "--min-p", "0.3") == 0
+    for r in manifest_rows(setup).values():
+        side = tmp_path / "x" / (Path(r["uri"]).name + ".xmp")
+        assert xmp_keywords(side.read_bytes(), str(side)) == [t for t in dict.fromkeys(r["tags"]) if t.strip()]

@@ -22,7 +22,6 @@ import posixpath
 
 from PIL import UnidentifiedImageError
 
-from tagray.config import ConfigError
 from tagray.data import storage
 from tagray.data.importers.common import (
     ImportFormatError,
@@ -30,41 +29,20 @@ from tagray.data.importers.common import (
     ManifestWriter,
     list_files,
 )
+from tagray.data.xmp import SidecarError, read_sidecar, xmp_toolkit
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
-NS_DC = "http://purl.org/dc/elements/1.1/"
-NS_LR = "http://ns.adobe.com/lightroom/1.0/"
-
-
-def _xmp_toolkit():
-    """libxmp, or a ConfigError that says what to install."""
-    try:
-        import libxmp
-    except Exception as e:  # ImportError, or libxmp's ExempiLoadError without the C library
-        raise ConfigError(
-            "tagray import folder reads XMP with python-xmp-toolkit, which needs the Exempi library: "
-            f"pip install python-xmp-toolkit; apt-get install libexempi8 (or brew install exempi) ({e})"
-        ) from e
-    return libxmp
 
 
 def xmp_keywords(packet: str | bytes, source: str) -> list[str]:
-    """dc:subject items, then the last level of each lr:hierarchicalSubject, of one XMP packet."""
-    libxmp = _xmp_toolkit()
-    text = packet.decode("utf-8", errors="replace") if isinstance(packet, bytes) else packet
-    meta = libxmp.XMPMeta()
+    """dc:subject items, then the last level of each lr:hierarchicalSubject, of one XMP packet;
+    without the tags `tagray export` predicted (tagray/data/xmp.py), so that its predictions
+    do not come back as user tags."""
     try:
-        meta.parse_from_str(text.strip("\x00"))
-    except libxmp.XMPError as e:
-        raise ImportFormatError(f"{source}: not a valid XMP packet ({e})") from e
-    out: list[str] = []
-    for ns, prop in ((NS_DC, "subject"), (NS_LR, "hierarchicalSubject")):
-        if not meta.does_property_exist(ns, prop):
-            continue
-        for i in range(1, meta.count_array_items(ns, prop) + 1):
-            item = meta.get_array_item(ns, prop, i)
-            out.append(item.rsplit("|", 1)[-1] if prop == "hierarchicalSubject" else item)
-    return out
+        words = read_sidecar(packet, source).user_keywords()
+    except SidecarError as e:
+        raise ImportFormatError(str(e)) from e
+    return [w.rsplit("|", 1)[-1] for w in words]
 
 
 def _iptc_text(value: bytes, utf8: bool) -> str:
@@ -111,7 +89,7 @@ def import_folder(
     endpoint_url: str | None = None,
 ) -> ImportSummary:
     """Writes the manifest of every image under `root` (recursively) to `out`."""
-    _xmp_toolkit()
+    xmp_toolkit()
     root = root.rstrip("/")
     if not storage.is_remote(root):
         root = str(storage.filesystem_for(root)[1])
