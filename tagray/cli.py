@@ -15,7 +15,7 @@ COMMANDS = {
     "train": "train a LR / RLR / word-embedding / neighbourhood / refinement head on Ray Train (resumable)",
     "tune": "Ray Tune sweep of the neighbors or refine head (ASHA on validation mAP), best model exported",
     "refine": "refined tag scores of the training images from a refine model (seed 002)",
-    "calibrate": "fit per-tag intercepts β on labelled images (W frozen)",
+    "calibrate": "fit per-tag intercepts β on labelled images or users' verdicts (W frozen)",
     "evaluate": "tag prediction, annotation, retrieval metrics with baselines",
     "index": "embed head: a faiss index of every featurized image, for search",
     "export": "each image's user and predicted tags (P(z) above a threshold) as XMP sidecars, jsonl or csv",

@@ -38,6 +38,7 @@ from tagray.eval.inputs import load_inputs
 from tagray.features.pipeline import FeaturizeConfig, featurize
 from tagray.features.store import read_features
 from tagray.heads.artifact import save_head
+from tagray.heads.calibrate import CalibrateConfig
 from tagray.heads.embed_artifact import load_embed_head
 from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import HeadConfig
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = _stage("calibrate: per-tag intercepts on the labelled val images (seed 001 §4.4)")
     inputs = load_inputs(model_dir, split_uri, features_dir)
-    info = calibrate(inputs, "val", None, l2=1e-2, seed=args.seed)
+    info = calibrate(inputs, "val", None, l2=CalibrateConfig().l2, seed=args.seed)
     inputs.head.metrics = {**inputs.head.metrics, "calibration": info, "calibrated_from": model_dir}
     calibrated_dir = storage.join(out, "model_rlr_calibrated")
     save_head(inputs.head, calibrated_dir)
