@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from tagray import jsonio
 from tagray.config import ConfigError, to_dict
 from tagray.data import schema, storage
+from tagray.data.http_fetch import HttpSettings
 from tagray.features import open_clip_backbone, store
 from tagray.features.backbone import (
     OPEN_CLIP,
@@ -56,13 +57,13 @@ class FeaturizeConfig:
     max_bytes: int = 50_000_000  # larger files are errors (fetch stage)
     max_pixels: int = 89_478_485  # larger images are errors (decompression bombs; PIL's default)
     max_error_fraction: float = 0.05  # the run fails when more of its images fail
-    # http(s) image URLs (tagray.data.http_fetch; the defaults are HttpSettings'):
-    http_timeout_s: float = 10.0  # connect timeout, and the longest wait for the next bytes
-    http_total_timeout_s: float = 60.0  # longest one attempt may take, redirects and body included
-    http_retries: int = 2  # further attempts after a connection error, a timeout, a 5xx or a 429
-    http_backoff_s: float = 0.5  # wait before retry k: http_backoff_s·2^k, jittered ×0.5–1
-    http_max_redirects: int = 5  # redirects followed per attempt (only to http/https)
-    allow_hosts: tuple[str, ...] = ()  # hosts images may come from (empty: any); ".example.com": and subdomains
+    # http(s) image URLs: tagray.data.http_fetch.HttpSettings defines them (and their defaults)
+    http_timeout_s: float = HttpSettings.http_timeout_s
+    http_total_timeout_s: float = HttpSettings.http_total_timeout_s
+    http_retries: int = HttpSettings.http_retries
+    http_backoff_s: float = HttpSettings.http_backoff_s
+    http_max_redirects: int = HttpSettings.http_max_redirects
+    allow_hosts: tuple[str, ...] = HttpSettings.allow_hosts
 
     def __post_init__(self) -> None:
         from tagray.data.http_fetch import check_settings
