@@ -23,6 +23,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # a cluster this process starts inherits its environment: Serve's proxy then caps request
+        # bodies itself (tagray/serve/limits.py), not only the Ingress behind it
+        os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "tagray.serve.limits:proxy_middlewares")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
     ray.init(

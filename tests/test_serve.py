@@ -392,8 +392,8 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     tags = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"]
     images = [Path(u).stem for u in app["uris"]]
     index_ids = set(SearchService(app["args"]["model"], app["args"]["index"], ServeConfig(model="m")).index.image_ids)
-    images = [i for i in images if i in index_ids][:8]
-    assert images
+    images = [i for i in images if i in index_ids][:12]
+    assert len(images) >= 10
 
     def post(body, key=writer, **kw) -> requests.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -486,3 +486,28 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
         assert not from_page[1]["present"]
     finally:
         driver.quit()
+
+    # the loop closed: recalibrate from these verdicts, and the running app rolls the new model out
+    from tagray import cli
+    from tagray.features.store import read_features
+    from tagray.heads.models import load_model
+    from tagray.serve.index import build_prediction_index, save_prediction_index
+
+    judged = [{"image_id": image, "tag": tags[0], "verdict": "present" if k % 2 else "absent"}
+              for k, image in enumerate(images[:10])]
+    assert post({"request_id": "for-calibration", "verdicts": judged}).status_code == 200
+    recalibrated, index = str(tmp_path / "model_feedback"), str(tmp_path / "index_feedback")
+    assert cli.main(["calibrate", "--model", app["args"]["model"], "--features", str(app["out"] / "features"),
+                     "--feedback", url, "--out", recalibrated]) == 0
+    report = json.loads((Path(recalibrated) / "calibration.json").read_text())
+    print(f"calibration from feedback: {json.dumps(report)[:300]}")
+    assert report["source"] == "feedback" and report["tags_refitted"] >= 1
+    refit = report["tags"][tags[0]] if isinstance(report["tags"], dict) else \
+        next(t for t in report["tags"] if t.get("tag") == tags[0])
+    assert refit["refitted"], refit
+    features, _ = read_features(str(app["out"] / "features"))
+    save_prediction_index(build_prediction_index(load_model(recalibrated), features, None, recalibrated), index)
+    deploy(app, {**args, "model": recalibrated, "index": index})
+    model = requests.get(f"{app['url']}v1/model", headers={"Authorization": f"Bearer {reader}"}, timeout=30).json()
+    assert model["model"] == "model_feedback" and model["feedback"]
+    assert post({"verdicts": [one]}).status_code == 200  # the new model takes verdicts too

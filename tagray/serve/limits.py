@@ -89,3 +89,75 @@ async def _send_json(send, e: RequestError) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": payload})
+
+
+# --- the same cap in Serve's HTTP proxy ------------------------------------------------------
+# Serve's proxy reads a request's body from the client into a queue while the replica consumes
+# it, so a chunked body the Ingress has already refused keeps flowing into the proxy until the
+# 413 has travelled back (measured: 88 MiB buffered under load). Serve applies the Starlette
+# middlewares that the function named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH returns to
+# its proxy: `proxy_middlewares` caps every body there too, at TAGRAY_PROXY_MAX_BODY_BYTES
+# (default: the default image cap + multipart framing). `tagray.runtime.init_ray` sets the
+# variable for the clusters it starts; cluster images and manifests set it themselves.
+PROXY_CALLBACK = "tagray.serve.limits:proxy_middlewares"
+PROXY_MAX_BODY_ENV = "TAGRAY_PROXY_MAX_BODY_BYTES"
+
+
+def proxy_max_body_bytes() -> int:
+    import os
+
+    value = os.environ.get(PROXY_MAX_BODY_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else BodyLimits().image_bytes + MULTIPART_SLACK
+
+
+class ProxyBodyLimit:
+    """ASGI middleware for Serve's proxy: a declared Content-Length over the cap is answered
+    413 at once; a body that grows past it is answered 413 and the app behind (the proxy's
+    forwarding to a replica) is told the client went away, so it stops buffering."""
+
+    def __init__(self, app, max_bytes: int | None = None) -> None:
+        self.app = app
+        self.max_bytes = max_bytes or proxy_max_body_bytes()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        what = f"{self.max_bytes} bytes for any request body (the proxy's cap)"
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_json(send, BodyTooLarge(what, int(declared)))
+            return
+        received, started, answered = 0, False, False
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            if answered:
+                return  # this middleware answered already
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        async def limited_receive():
+            nonlocal received, answered
+            if answered:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    if not started:
+                        await _send_json(send, BodyTooLarge(what))
+                    answered = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, limited_receive, guarded_send)
+
+
+def proxy_middlewares() -> list:
+    """What RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH names: Serve's proxy wraps itself in these."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyBodyLimit)]
