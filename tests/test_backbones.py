@@ -26,6 +26,7 @@ from tagray.features.backbone import (
     torchvision_weights,
 )
 from tagray.features.decode import decode
+from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.features.pipeline import FeaturizeConfig, prepare_backbone
 
 open_clip = pytest.importorskip("open_clip")
@@ -239,7 +240,7 @@ def test_clip_text_vectors_in_the_word_table_format(tmp_path, normalizer, small_
     model, root = small_clip
     path = root / "clip.safetensors"
     tags = ["Sunsets", "beach", "new york city", "beach"]
-    words, vectors = read_word_vectors(f"{SMALL}@{path}", normalizer, max_words=12, words=tags)
+    words, vectors = pretrained_vectors(f"{SMALL}@{path}", normalizer, max_words=12, words=tags)
     assert words[:3] == ["sunset", "beach", "new york city"]  # the given words, normalised, deduplicated, first
     assert len(words) == 15 and len(set(words)) == 15 and "day" in words  # then frequent English words
     assert vectors.shape == (15, 384) and vectors.dtype == np.float32
@@ -260,11 +261,11 @@ def test_clip_text_vectors_in_the_word_table_format(tmp_path, normalizer, small_
 def test_clip_text_vectors_need_the_text_tower(normalizer, small_clip):
     _, root = small_clip
     with pytest.raises(ConfigError, match="holds only the image tower"):
-        read_word_vectors(f"{SMALL}@{root / 'visual.pt'}", normalizer, max_words=2)
+        pretrained_vectors(f"{SMALL}@{root / 'visual.pt'}", normalizer, max_words=2)
 
 
 def test_random_text_tower_vectors_only_when_asked(normalizer):
-    words, vectors = read_word_vectors(f"{SMALL}@random", normalizer, max_words=0, words=["kayak"])
+    words, vectors = pretrained_vectors(f"{SMALL}@random", normalizer, max_words=0, words=["kayak"])
     assert words == ["kayak"] and vectors.shape == (1, 384)
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[flag] = getattr(args, flag)
     head, run = load_settings(args.config, overrides)
     if isinstance(head, EmbedConfig) and head.vectors:
-        from tagray.data.word_vectors import check_vectors_source
+        from tagray.features.open_clip_backbone import check_vectors_source
 
         check_vectors_source(head.vectors)  # open_clip:<model>@WEIGHTS checked before Ray starts
     from tagray.config import load_config

@@ -18,20 +18,8 @@ from tagray.data.normalize import TagNormalizer
 log = logging.getLogger(__name__)
 
 
-OPEN_CLIP_PREFIX = "open_clip:"  # --vectors open_clip:<model>@WEIGHTS: CLIP's text tower instead of a file
-
-
 class WordVectorError(ValueError):
     pass
-
-
-def check_vectors_source(uri: str) -> None:
-    """Checks `--vectors` without reading it (before Ray starts): an `open_clip:` source must
-    name a known model and its weights (`open_clip:ViT-B-32@PATH` or `@random`)."""
-    if uri.startswith(OPEN_CLIP_PREFIX):
-        from tagray.features.open_clip_backbone import parse_vectors_spec
-
-        parse_vectors_spec(uri)
 
 
 def write_word_vectors(uri: str, words: list[str], vectors: np.ndarray, endpoint_url: str | None = None) -> str:
@@ -46,16 +34,10 @@ def read_word_vectors(
     normalizer: TagNormalizer,
     max_words: int | None = None,
     endpoint_url: str | None = None,
-    words: tuple[str, ...] | list[str] = (),
 ) -> tuple[list[str], np.ndarray]:
-    """(normalised words, (n, d) float32 vectors) of a text file, local or s3://; or, for
-    `open_clip:<model>@WEIGHTS`, of CLIP's text tower (tagray/features/open_clip_backbone.py):
-    `words` (the training tags) and up to `max_words` frequent words, each encoded as the prompt
-    "a photo of {word}.". A file's vectors ignore `words`."""
-    if uri.startswith(OPEN_CLIP_PREFIX):
-        from tagray.features.open_clip_backbone import text_vectors
-
-        return text_vectors(uri, normalizer, words, max_words, endpoint_url)
+    """(normalised words, (n, d) float32 vectors) of a GloVe / word2vec text file, local or on
+    an object store. (`--vectors open_clip:…`, CLIP's text tower, is read by
+    `tagray.features.open_clip_backbone.pretrained_vectors`, which falls back to this.)"""
     if not storage.exists(uri, endpoint_url):
         raise FileNotFoundError(f"{uri}: no such word-vector file")
     text = io.TextIOWrapper(io.BytesIO(storage.read_bytes(uri, endpoint_url)), encoding="utf-8", errors="replace")

@@ -287,3 +287,23 @@ def text_vectors(
     log.info("word vectors: %d words (%d given, %d frequent) encoded by the %s text tower as %r",
              len(vocab), len(given), len(extra), arch, PROMPT)
     return vocab, np.concatenate(rows).astype(np.float32)
+
+
+def check_vectors_source(spec: str) -> None:
+    """Checks `--vectors` without reading it (before Ray starts): an `open_clip:` source must
+    name a known model and its weights (`open_clip:ViT-B-32@PATH` or `@random`)."""
+    if spec.startswith(PREFIX):
+        parse_vectors_spec(spec)
+
+
+def pretrained_vectors(spec: str, normalizer, max_words: int | None = None, endpoint_url: str | None = None,
+                       words: tuple[str, ...] | list[str] = ()) -> tuple[list[str], np.ndarray]:
+    """The embed head's pretrained word vectors: for `open_clip:<model>@WEIGHTS` CLIP's text
+    tower over `words` (the training tags) and up to `max_words` frequent words, each encoded as
+    "a photo of {word}." (`text_vectors`); otherwise a word-vector file
+    (`tagray.data.word_vectors.read_word_vectors`, which ignores `words`)."""
+    if spec.startswith(PREFIX):
+        return text_vectors(spec, normalizer, words, max_words, endpoint_url)
+    from tagray.data.word_vectors import read_word_vectors
+
+    return read_word_vectors(spec, normalizer, max_words, endpoint_url)

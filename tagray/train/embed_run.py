@@ -16,8 +16,9 @@ import torch
 from tagray.config import to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
-from tagray.data.word_vectors import read_word_vectors, word_table_init
+from tagray.data.word_vectors import word_table_init
 from tagray.features import store
+from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
 from tagray.heads.embedding import EmbedConfig, new_mlp
 from tagray.heads.oov import snap_oov
@@ -61,7 +62,7 @@ def train_embed(
     vocab = inputs.vocab
     pretrained = None
     if cfg.vectors:
-        pretrained = read_word_vectors(cfg.vectors, normalizer, cfg.max_words, endpoint_url, words=vocab.tags)
+        pretrained = pretrained_vectors(cfg.vectors, normalizer, cfg.max_words, endpoint_url, words=vocab.tags)
         log.info("train: %d pretrained word vectors (d=%d) from %s", len(pretrained[0]), pretrained[1].shape[1], cfg.vectors)
     else:
         log.warning("train: no pretrained word vectors (set `vectors`): random initialisation, d=%d; "
