@@ -138,7 +138,7 @@ def _fit(state: dict, model: nn.Module) -> dict:
 
 
 def _load(model: nn.Module, state: dict, name: str, visual_only: bool) -> None:
-    from tagray.features.backbone import misfit
+    from tagray.features.weights import misfit
 
     try:
         if visual_only:
@@ -248,7 +248,7 @@ def text_vectors(
     `max_words` frequent words (`bpe_words`); each encoded as `PROMPT.format(word)`."""
     import open_clip
 
-    from tagray.features.backbone import RANDOM, read_weights
+    from tagray.features.weights import RANDOM, read_weights
 
     name, weights = parse_vectors_spec(spec)
     arch = model_name(name)
