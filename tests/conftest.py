@@ -111,10 +111,11 @@ def serve_bucket(s3_endpoint):
     return s3_endpoint, "serve-images"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def serve_app(demo_run, serve_bucket):
-    """The Serve app over HTTP on loopback, on the demo's calibrated RLR model and its index;
-    shared by tests/test_serve*.py (a test that deploys another model puts this one back)."""
+    """The Serve app over HTTP on loopback, on the demo's calibrated RLR model and its index,
+    for the tests of one module (tests/test_serve*.py); shut down after it, so the Serve
+    replicas do not hold the session cluster's 2 CPUs while later tests wait for them."""
     from ray import serve
 
     from tagray.commands.serve import start
