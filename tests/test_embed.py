@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, multi_hot_of, sampled_xent
+from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
 from tagray.heads.oov import snap_oov
 from tagray.heads.samplers import (
     AdjacentSampler,
@@ -17,6 +17,7 @@ from tagray.heads.samplers import (
     log_noise_prior,
     sample_positives,
 )
+from tagray.heads.targets import multi_hot
 from tagray.heads.word_table import WordTable
 
 
@@ -65,7 +66,7 @@ def test_full_xent_and_fast0tag_are_their_formulas():
     vp, vn = rng.normal(size=(b, 2, d)), rng.normal(size=(b, 3, d))
     sampled = np.mean([-sum(np.log(sig(f[i] @ (vp[i, j] - vn[i, k]))) for j in range(2) for k in range(3)) for i in range(b)])
     assert float(fast0tag(torch.tensor(f), torch.tensor(vp), torch.tensor(vn))) == pytest.approx(sampled, rel=1e-10)
-    np.testing.assert_array_equal(multi_hot_of(torch.tensor(positives), v).numpy(), y)
+    np.testing.assert_array_equal(multi_hot(torch.tensor(positives), v).numpy(), y)
 
 
 def test_positive_sampling_is_uniform_over_each_images_tags():

@@ -129,7 +129,7 @@ def test_lsh_finds_most_of_the_exact_neighbours() -> None:
 
 def test_split_neighbours_by_lsh_stay_in_their_split_and_match_the_index() -> None:
     from tagray.heads.neighborhood import NeighborsConfig
-    from tagray.train.split_arrays import SplitArrays, metadata_neighbors
+    from tagray.heads.split_arrays import SplitArrays, metadata_neighbors
 
     lists = random_lists(1200, values=50, seed=6)
     split = np.where(np.arange(1200) % 3 == 0, "test", "train")

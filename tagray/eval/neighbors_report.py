@@ -23,8 +23,8 @@ from tagray.eval.metrics import (
     tag_prediction_at_k,
     with_nulls,
 )
-from tagray.train.loop import multi_hot
-from tagray.train.split_arrays import SplitArrays
+from tagray.heads.split_arrays import SplitArrays
+from tagray.heads.targets import multi_hot
 
 K = 3  # labels per image (seed 003 §4.2)
 

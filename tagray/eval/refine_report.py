@@ -17,8 +17,8 @@ import torch
 
 from tagray.eval.metrics import fmt, mean_average_precision, roc_auc, with_nulls
 from tagray.eval.neighbors_report import truth_of
-from tagray.train.loop import multi_hot
-from tagray.train.split_arrays import SplitArrays
+from tagray.heads.split_arrays import SplitArrays
+from tagray.heads.targets import multi_hot
 
 
 def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tagray.heads.targets import multi_hot
+
 
 def sampled_xent(f: torch.Tensor, vp: torch.Tensor, vn: torch.Tensor, alpha: float = 0.01) -> torch.Tensor:
     """Eq. 1, negated (with SPEC §3.2's sums of logs):
@@ -33,7 +35,7 @@ def sampled_xent(f: torch.Tensor, vp: torch.Tensor, vn: torch.Tensor, alpha: flo
 def full_xent(scores: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Unsampled cross-entropy over every word: −Σ_t [y_t log σ(s_t) + (1−y_t) log σ(−s_t)],
     y the multi-hot of `positives` ((B, W) word ids padded with −1)."""
-    y = multi_hot_of(positives, scores.shape[1], scores.dtype)
+    y = multi_hot(positives, scores.shape[1], scores.dtype)
     return F.binary_cross_entropy_with_logits(scores, y, reduction="none").sum(1).mean()
 
 
@@ -50,13 +52,6 @@ def fast0tag_full(scores: torch.Tensor, positives: torch.Tensor, beta: float = 1
     β Σ_{p ∈ tags} Σ_{n ∉ tags} softplus(s_n − s_p). Memory B·W·V."""
     valid = positives >= 0
     s_p = scores.gather(1, positives.clamp(min=0))  # (B, W)
-    negative = 1.0 - multi_hot_of(positives, scores.shape[1], scores.dtype)  # (B, V)
+    negative = 1.0 - multi_hot(positives, scores.shape[1], scores.dtype)  # (B, V)
     pair = F.softplus(scores[:, None, :] - s_p[:, :, None])  # (B, W, V)
     return (beta * pair * negative[:, None, :] * valid[:, :, None]).sum((1, 2)).mean()
-
-
-def multi_hot_of(ids: torch.Tensor, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, W) ids padded with −1 → (B, width) 0/1."""
-    y = torch.zeros(ids.shape[0], width + 1, dtype=dtype, device=ids.device)
-    y.scatter_(1, torch.where(ids >= 0, ids, width).long(), 1.0)
-    return y[:, :width]

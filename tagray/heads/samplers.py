@@ -1,6 +1,6 @@
 """Positive and negative word samplers of the sampled losses (seed 004 §2.2, §3.3).
 
-Tag ids arrive as (B, W) int arrays padded with −1, left-packed (tagray.train.data.padded_ids).
+Tag ids arrive as (B, W) int arrays padded with −1, left-packed (tagray.heads.targets.padded_ids).
 All samplers are vectorised over the batch and draw from a numpy Generator, so a seed
 reproduces every sample.
 """

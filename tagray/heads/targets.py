@@ -26,6 +26,32 @@ TARGETS_SCHEMA = pa.schema(
 )
 
 
+PAD = -1
+
+
+def padded_ids(lists: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
+    """(N, width) int32 of each list's ids, padded with −1 (lists are cut at `width`)."""
+    arr = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    n = len(arr)
+    out = np.full((n, width), PAD, dtype=np.int32)
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy()
+    lengths = np.minimum(np.diff(offsets), width)
+    rows = np.repeat(np.arange(n), lengths)
+    pos = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, pos] = values[np.repeat(offsets[:-1], lengths) + pos]
+    return out
+
+
+def multi_hot(tag_ids, tags: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, W) ids padded with −1 (numpy or torch) → (B, tags) 0/1: the one densifier of
+    sparse targets (y or z of a minibatch), on the ids' device."""
+    ids = torch.as_tensor(np.asarray(tag_ids) if not isinstance(tag_ids, torch.Tensor) else tag_ids)
+    y = torch.zeros(ids.shape[0], tags + 1, dtype=dtype, device=ids.device)
+    y.scatter_(1, torch.where(ids >= 0, ids, tags).long(), 1.0)
+    return y[:, :tags]
+
+
 def _id_lists(rows: np.ndarray, cols: np.ndarray, n: int) -> pa.ListArray:
     order = np.lexsort((cols, rows))
     rows, cols = rows[order], cols[order]

@@ -15,22 +15,7 @@ import pyarrow.parquet as pq
 
 from tagray.data import storage
 from tagray.features import store
-
-PAD = -1
-
-
-def padded_ids(lists: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
-    """(N, width) int32 of each list's ids, padded with −1 (lists are cut at `width`)."""
-    arr = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
-    n = len(arr)
-    out = np.full((n, width), PAD, dtype=np.int32)
-    offsets = arr.offsets.to_numpy()
-    values = arr.values.to_numpy()
-    lengths = np.minimum(np.diff(offsets), width)
-    rows = np.repeat(np.arange(n), lengths)
-    pos = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, pos] = values[np.repeat(offsets[:-1], lengths) + pos]
-    return out
+from tagray.heads.targets import padded_ids
 
 
 class ReadWithTargets:

@@ -19,18 +19,11 @@ import torch
 from tagray.config import from_dict
 from tagray.heads.fit import HeadConfig, make_optimizer, make_scheduler, new_model
 from tagray.heads.linear import LinearTagger, em_step
+from tagray.heads.targets import multi_hot
 from tagray.jsonio import check_loss
-from tagray.train.data import PAD, epoch_batches
+from tagray.train.data import epoch_batches
 
 STATE_FILE = "state.pt"
-
-
-def multi_hot(tag_ids: np.ndarray, tags: int) -> torch.Tensor:
-    """(B, width) padded ids → (B, T) float32 multi-hot."""
-    y = torch.zeros(len(tag_ids), tags)
-    rows, cols = np.nonzero(tag_ids != PAD)
-    y[torch.from_numpy(rows), torch.from_numpy(tag_ids[rows, cols].astype(np.int64))] = 1.0
-    return y
 
 
 def _save(model: LinearTagger, opt, schedule, epoch: int, history: list[dict], directory: str) -> None:

@@ -27,9 +27,9 @@ from tagray.heads.neighborhood import (
     neighbors_step,
     sample_neighborhoods,
 )
+from tagray.heads.targets import multi_hot
 from tagray.jsonio import check_loss
 from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
-from tagray.train.loop import multi_hot
 
 
 def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig) -> float:

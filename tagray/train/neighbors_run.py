@@ -20,10 +20,10 @@ from tagray.eval.neighbors_report import neighbors_report, summary_lines
 from tagray.features import store
 from tagray.heads.neighborhood import NeighborhoodNet, NeighborsConfig, neighborhood_scores
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
+from tagray.heads.split_arrays import SplitArrays, SplitsData, metadata_lists, metadata_neighbors
 from tagray.train.array_loops import fit_array_loop
 from tagray.train.neighbors_loop import neighbors_train_loop
 from tagray.train.run import TrainRunConfig, plot_epochs, run_name
-from tagray.train.split_arrays import SplitArrays, SplitsData, metadata_lists, metadata_neighbors
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from tagray.heads.refine import (
     tag_laplacian,
     visual_candidates,
 )
+from tagray.heads.targets import multi_hot
 from tagray.jsonio import check_loss
 from tagray.train.array_loops import BestEpoch, report_epoch, restored_state, worker_inputs
-from tagray.train.loop import multi_hot
 
 
 def validation_map(model: RefineNet, val: dict) -> float:

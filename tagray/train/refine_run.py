@@ -28,10 +28,10 @@ from tagray.eval.refine_report import refine_report, summary_lines
 from tagray.features import store
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
 from tagray.heads.refine import RefineConfig, RefineNet, refine_scores
+from tagray.heads.split_arrays import SplitsData
 from tagray.train.array_loops import fit_array_loop
 from tagray.train.refine_loop import refine_train_loop
 from tagray.train.run import TrainRunConfig, plot_epochs, run_name
-from tagray.train.split_arrays import SplitsData
 
 log = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
+from tagray.heads.split_arrays import SplitsData, metadata_lists, metadata_neighbors
 from tagray.train.array_loops import STATE_FILE, load_state
 from tagray.train.run import ray_storage
-from tagray.train.split_arrays import SplitsData, metadata_lists, metadata_neighbors
 from tagray.tune.space import TuneConfig, head_config_class
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def neighbors_trial(config: dict, data: SweepData) -> None:
     from ray import tune
 
     from tagray.heads.neighborhood import NeighborsConfig, fit_neighbors
-    from tagray.train.loop import multi_hot
+    from tagray.heads.targets import multi_hot
     from tagray.train.neighbors_loop import validation_map
 
     torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def refine_trial(config: dict, data: SweepData) -> None:
 
     from tagray.data.tag_similarity import tag_similarity
     from tagray.heads.refine import RefineConfig, fit_refine
-    from tagray.train.loop import multi_hot
+    from tagray.heads.targets import multi_hot
     from tagray.train.refine_loop import validation_map
 
     torch.set_num_threads(1)

@@ -23,8 +23,7 @@ from tagray.data.normalize import TagNormalizer, Vocabulary
 from tagray.features import store
 from tagray.heads.fit import align
 from tagray.heads.neighborhood import NeighborsConfig
-from tagray.heads.targets import build_targets
-from tagray.train.data import padded_ids
+from tagray.heads.targets import build_targets, padded_ids
 
 log = logging.getLogger(__name__)
 
