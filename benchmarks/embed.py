@@ -223,8 +223,7 @@ def bench_quality(images: int, epochs: int) -> dict:
     from tagray.features.store import read_features
     from tagray.heads.embedding import EmbedTagger, fit_embed, tag_log_prior
     from tagray.heads.fit import HeadConfig, align, fit
-    from tagray.heads.targets import build_targets, dense, padded_ids
-    from tagray.train.run import prepare_vocabulary
+    from tagray.heads.targets import build_targets, dense, padded_ids, prepare_vocabulary
 
     with tempfile.TemporaryDirectory() as d:
         written = synthesize(SynthConfig(images=images, seed=1, feature_dim=128), d, features_only=True)

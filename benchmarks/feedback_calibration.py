@@ -52,8 +52,7 @@ from tagray.heads.artifact import SavedHead
 from tagray.heads.calibrate import CalibrateConfig, recalibrate
 from tagray.heads.fit import HeadConfig, align, fit
 from tagray.heads.linear import LinearTagger
-from tagray.heads.targets import build_targets, dense, label_vocabulary
-from tagray.train.run import prepare_vocabulary
+from tagray.heads.targets import build_targets, dense, label_vocabulary, prepare_vocabulary
 
 USERS = ("honest", "noisy", "lazy", "confirm_only", "confirm_only_unguarded")
 METRICS = ("f1@5", "map_label", "map_image", "nll")

@@ -43,8 +43,8 @@ from tagray.heads.fit import (
     steps_per_epoch,
 )
 from tagray.heads.linear import em_step
-from tagray.heads.targets import build_targets, dense
-from tagray.train.run import TrainRunConfig, prepare_vocabulary, train_head
+from tagray.heads.targets import build_targets, dense, prepare_vocabulary
+from tagray.train.run import TrainRunConfig, train_head
 
 
 def peak_rss_gib() -> float:

@@ -122,9 +122,8 @@ def bench_search(images: int, n: int, port: int, workdir: str) -> dict:
     from tagray.features.store import read_features
     from tagray.heads.fit import align
     from tagray.heads.models import load_model
-    from tagray.heads.targets import build_targets, dense
+    from tagray.heads.targets import build_targets, dense, prepare_vocabulary
     from tagray.serve.index import build_prediction_index, save_prediction_index
-    from tagray.train.run import prepare_vocabulary
 
     t0 = time.perf_counter()
     written = synthesize(SynthConfig(images=images, seed=5, feature_dim=512), f"{workdir}/big", features_only=True)

@@ -15,8 +15,7 @@ from tagray.data.schema import read_manifest, write_manifest
 from tagray.data.split import SplitConfig, assign_splits
 from tagray.data.synth import SynthConfig, synthesize
 from tagray.features.store import read_features
-from tagray.heads.targets import build_targets
-from tagray.train.run import prepare_vocabulary
+from tagray.heads.targets import build_targets, prepare_vocabulary
 
 
 def split_corpus(out: Path, images: int, seed: int, feature_dim: int, **synth) -> dict:

@@ -101,8 +101,7 @@ def trained(tmp_path_factory):
     from tagray.config import load_config
     from tagray.data.normalize import NormalizerConfig, TagNormalizer
     from tagray.data.schema import read_manifest
-    from tagray.heads.targets import build_targets
-    from tagray.train.run import prepare_vocabulary
+    from tagray.heads.targets import build_targets, prepare_vocabulary
 
     manifest = read_manifest(corpus["manifest"])
     normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))

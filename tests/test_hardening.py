@@ -154,8 +154,7 @@ def saved_model(tmp_path_factory):
     from tagray.features import store
     from tagray.heads.artifact import SavedHead, save_head
     from tagray.heads.fit import align
-    from tagray.heads.targets import build_targets, dense
-    from tagray.train.run import prepare_vocabulary
+    from tagray.heads.targets import build_targets, dense, prepare_vocabulary
     from tests.corpora import split_corpus
 
     out = tmp_path_factory.mktemp("nanmodel")

@@ -23,23 +23,10 @@ from tagray.eval.metrics import (
     tag_prediction_at_k,
     with_nulls,
 )
-from tagray.heads.split_arrays import SplitArrays
+from tagray.heads.split_arrays import SplitArrays, truth_of
 from tagray.heads.targets import multi_hot
 
 K = 3  # labels per image (seed 003 §4.2)
-
-
-def truth_of(part: SplitArrays, tags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """(rows, columns, 0/1 truth (rows × columns), kind): labelled images × label tags when the
-    split has labels, else every image × every tag with its user tags."""
-    if part.labelled.any():
-        rows = np.nonzero(part.labelled)[0]
-        labels = multi_hot(part.label_ids[rows], tags).numpy()
-        cols = np.nonzero(labels.any(0))[0]
-        if len(cols):
-            return rows, cols, labels[:, cols], "labels"
-    rows = np.arange(len(part))
-    return rows, np.arange(tags), multi_hot(part.tag_ids, tags).numpy(), "tags"
 
 
 def table2_metrics(scores: np.ndarray, truth: np.ndarray, k: int = K) -> dict[str, float]:

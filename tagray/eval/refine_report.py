@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from tagray.eval.metrics import fmt, mean_average_precision, roc_auc, with_nulls
-from tagray.eval.neighbors_report import truth_of
-from tagray.heads.split_arrays import SplitArrays
+from tagray.heads.split_arrays import SplitArrays, truth_of
 from tagray.heads.targets import multi_hot
 
 

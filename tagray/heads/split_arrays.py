@@ -23,7 +23,7 @@ from tagray.data.normalize import TagNormalizer, Vocabulary
 from tagray.features import store
 from tagray.heads.fit import align
 from tagray.heads.neighborhood import NeighborsConfig
-from tagray.heads.targets import build_targets, padded_ids
+from tagray.heads.targets import build_targets, multi_hot, padded_ids, prepare_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,19 @@ class SplitArrays:
     def targets(self, kind: str) -> np.ndarray:
         """The ids a head learns from: user tags, or ground-truth labels."""
         return self.tag_ids if kind == "tags" else self.label_ids
+
+
+def truth_of(part: SplitArrays, tags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """(rows, columns, 0/1 truth (rows × columns), kind): labelled images × label tags when the
+    split has labels, else every image × every tag with its user tags."""
+    if part.labelled.any():
+        rows = np.nonzero(part.labelled)[0]
+        labels = multi_hot(part.label_ids[rows], tags).numpy()
+        cols = np.nonzero(labels.any(0))[0]
+        if len(cols):
+            return rows, cols, labels[:, cols], "labels"
+    rows = np.arange(len(part))
+    return rows, np.arange(tags), multi_hot(part.tag_ids, tags).numpy(), "tags"
 
 
 def split_arrays(targets: pa.Table, features: pa.Table, split: str, width: int = 64) -> SplitArrays:
@@ -117,8 +130,6 @@ class SplitsData:
 
     def __init__(self, manifest_uri: str, features_uri: str, normalizer: TagNormalizer, endpoint_url: str | None = None,
                  splits: tuple[str, ...] = ("train", "val", "test"), vocab: Vocabulary | None = None) -> None:
-        from tagray.train.run import prepare_vocabulary
-
         self.manifest = schema.read_manifest(manifest_uri, need=("split",), endpoint_url=endpoint_url)
         self.vocab: Vocabulary = vocab or prepare_vocabulary(self.manifest, normalizer)
         targets = build_targets(self.manifest, normalizer, self.vocab)
@@ -134,8 +145,6 @@ class SplitsData:
 
     def validation(self, split: str = "val") -> dict:
         """A split's features and its truth (rows, columns, 0/1) for the loops' validation mAP."""
-        from tagray.eval.neighbors_report import truth_of
-
         part = self.parts[split]
         rows, cols, truth, _ = truth_of(part, self.tags)
         return {"x": part.x, "rows": rows, "cols": cols, "truth": truth}

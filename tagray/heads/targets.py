@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from tagray.data import schema
 from tagray.data.normalize import TagNormalizer, Vocabulary, lookup_coo
 
 TARGETS_SCHEMA = pa.schema(
@@ -105,3 +106,17 @@ def dense(lists: pa.Array | pa.ChunkedArray, tags: int) -> torch.Tensor:
     if len(cols):
         out[torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(cols.astype(np.int64))] = 1.0
     return out
+
+
+def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
+    """The vocabulary of the training split's normalised tags."""
+    train = manifest.filter(pc.equal(manifest.column("split"), "train"))
+    if train.num_rows == 0:
+        raise schema.SchemaError("the manifest's train split is empty: run `tagray split` first, or check its split column")
+    try:
+        return Vocabulary.build(normalizer.normalize_lists(train.column("tags")), normalizer)
+    except schema.SchemaError:
+        raise
+    except ValueError as e:  # "empty vocabulary: …": the data's fault, a one-line user error
+        raise schema.SchemaError(f"{e} of the {train.num_rows} training images; lower min_images in the "
+                                 "normalizer config (normalizer: …) or train on more images") from e

@@ -23,7 +23,7 @@ from tagray.features import store
 from tagray.heads.artifact import SavedHead, save_head
 from tagray.heads.fit import HeadConfig
 from tagray.heads.linear import LinearTagger
-from tagray.heads.targets import build_targets
+from tagray.heads.targets import build_targets, prepare_vocabulary
 from tagray.train.data import count_with_features, training_dataset
 from tagray.train.loop import load_state, train_loop
 
@@ -116,20 +116,6 @@ def require_resources(cpus: float, gpus: float, what: str, wait_s: float | None 
     raise ConfigError(f"{what} asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray cluster has {c:g} CPU(s) and "
                       f"{g:g} GPU(s){waited}: lower workers / worker_cpus (or trial_cpus), or set resources_wait_s "
                       "to wait for an autoscaling cluster to grow")
-
-
-def prepare_vocabulary(manifest, normalizer: TagNormalizer) -> Vocabulary:
-    """The vocabulary of the training split's normalised tags."""
-    train = manifest.filter(pc.equal(manifest.column("split"), "train"))
-    if train.num_rows == 0:
-        raise schema.SchemaError("the manifest's train split is empty: run `tagray split` first, or check its split column")
-    try:
-        return Vocabulary.build(normalizer.normalize_lists(train.column("tags")), normalizer)
-    except schema.SchemaError:
-        raise
-    except ValueError as e:  # "empty vocabulary: …": the data's fault, a one-line user error
-        raise schema.SchemaError(f"{e} of the {train.num_rows} training images; lower min_images in the "
-                                 "normalizer config (normalizer: …) or train on more images") from e
 
 
 @dataclass
