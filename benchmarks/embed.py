@@ -221,8 +221,10 @@ def bench_quality(images: int, epochs: int) -> dict:
     from tagray.data.word_vectors import synthetic_word_vectors, word_table_init
     from tagray.eval.report import EvalConfig, evaluate_head
     from tagray.features.store import read_features
-    from tagray.heads.embedding import EmbedTagger, fit_embed, tag_log_prior
-    from tagray.heads.fit import HeadConfig, align, fit
+    from tagray.heads.embedding import EmbedTagger, tag_log_prior
+    from tagray.heads.fit import HeadConfig, align
+    from tagray.heads.recipes.embed import fit_embed
+    from tagray.heads.recipes.linear import fit
     from tagray.heads.targets import build_targets, dense, padded_ids, prepare_vocabulary
 
     with tempfile.TemporaryDirectory() as d:

@@ -50,8 +50,9 @@ from tagray.eval.report import EvalConfig, evaluate_head
 from tagray.features.store import read_features
 from tagray.heads.artifact import SavedHead
 from tagray.heads.calibrate import CalibrateConfig, recalibrate
-from tagray.heads.fit import HeadConfig, align, fit
+from tagray.heads.fit import HeadConfig, align
 from tagray.heads.linear import LinearTagger
+from tagray.heads.recipes.linear import fit
 from tagray.heads.targets import build_targets, dense, label_vocabulary, prepare_vocabulary
 
 USERS = ("honest", "noisy", "lazy", "confirm_only", "confirm_only_unguarded")

@@ -39,12 +39,13 @@ from tagray.heads.fit import (
     align,
     make_optimizer,
     make_scheduler,
-    new_model,
     steps_per_epoch,
 )
 from tagray.heads.linear import em_step
+from tagray.heads.recipes.linear import build_linear
 from tagray.heads.targets import build_targets, dense, prepare_vocabulary
-from tagray.train.run import TrainRunConfig, train_head
+from tagray.train.run import train_head
+from tagray.train.run_config import TrainRunConfig
 
 
 def peak_rss_gib() -> float:
@@ -63,7 +64,7 @@ def sklearn_time(x: np.ndarray, y: np.ndarray, xt: np.ndarray, cols: np.ndarray)
 
 def time_to_target(x, y, xt, yt, cols, target: float, cfg: HeadConfig, max_epochs: int) -> dict:
     """Trains epoch by epoch (the same em_step as Ray Train) until mAP on `cols` ≥ target."""
-    model = new_model(x.shape[1], y.shape[1], cfg, y.mean(0))
+    model = build_linear(cfg, x.shape[1], y.shape[1], y.mean(0))
     opt = make_optimizer(model, cfg)
     schedule = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch(len(x), cfg.batch_size))
     gen = torch.Generator().manual_seed(cfg.seed)

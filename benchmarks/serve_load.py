@@ -37,7 +37,8 @@ def make_model(directory: str, dim: int, identity: dict, features=None, targets=
     from tagray.config import load_config
     from tagray.data.normalize import NormalizerConfig, TagNormalizer, Vocabulary
     from tagray.heads.artifact import SavedHead, save_head
-    from tagray.heads.fit import HeadConfig, fit
+    from tagray.heads.fit import HeadConfig
+    from tagray.heads.recipes.linear import fit
 
     cfg = HeadConfig(head="rlr", epochs=2, batch_size=500)
     if features is None:

@@ -12,8 +12,9 @@ import pytest
 
 from tagray.data.word_vectors import synthetic_word_vectors, word_table_init
 from tagray.eval.report import EvalConfig, evaluate_head
-from tagray.heads.embedding import EmbedConfig, EmbedTagger, fit_embed, tag_log_prior
+from tagray.heads.embedding import EmbedConfig, EmbedTagger, tag_log_prior
 from tagray.heads.fit import align
+from tagray.heads.recipes.embed import fit_embed
 from tagray.heads.targets import padded_ids
 from tagray.heads.word_table import WordTable
 from tests.corpora import load_corpus

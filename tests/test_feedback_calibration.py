@@ -19,9 +19,10 @@ from tagray.eval.report import EvalConfig, evaluate_head
 from tagray.features import store as feature_store
 from tagray.heads.artifact import SavedHead, save_head
 from tagray.heads.calibrate import CalibrateConfig, fit_verdict_intercepts, recalibrate
-from tagray.heads.fit import HeadConfig, align, fit
+from tagray.heads.fit import HeadConfig, align
 from tagray.heads.linear import LinearTagger
 from tagray.heads.models import load_model
+from tagray.heads.recipes.linear import fit
 from tagray.heads.targets import dense, label_vocabulary
 from tests.corpora import split_corpus
 

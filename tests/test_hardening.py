@@ -17,11 +17,12 @@ from tagray.config import ConfigError, from_dict, load_config, parse_overrides
 from tagray.data.split import SplitConfig
 from tagray.data.synth import SynthConfig
 from tagray.heads.embedding import EmbedConfig
-from tagray.heads.fit import HeadConfig, fit
+from tagray.heads.fit import HeadConfig
 from tagray.heads.linear import EMConfig
 from tagray.heads.neighborhood import NeighborsConfig
+from tagray.heads.recipes.linear import fit
 from tagray.heads.refine import RefineConfig
-from tagray.train.run import TrainRunConfig
+from tagray.train.run_config import TrainRunConfig
 from tagray.tune.space import TuneConfig
 
 NON_FINITE = ["nan", "inf", "-inf", ".nan", ".inf", "1e400"]  # as typed on the command line (YAML scalars)

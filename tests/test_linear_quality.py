@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 
 from tagray.eval.report import EvalConfig, evaluate_head
 from tagray.heads.calibrate import fit_intercepts
-from tagray.heads.fit import HeadConfig, align, fit
+from tagray.heads.fit import HeadConfig, align
+from tagray.heads.recipes.linear import fit
 from tagray.heads.targets import dense, label_vocabulary
 from tests.corpora import load_corpus
 

@@ -10,12 +10,12 @@ from tagray.config import ConfigError
 from tagray.heads.neighborhood import (
     NeighborhoodNet,
     NeighborsConfig,
-    fit_neighbors,
     gather_neighborhood,
     neighborhood_scores,
     neighbors_loss,
     sample_neighborhoods,
 )
+from tagray.heads.recipes.neighbors import fit_neighbors
 
 
 def hand_net() -> NeighborhoodNet:

@@ -12,8 +12,8 @@ from tagray.commands.common import add_endpoint, add_overrides, command
 from tagray.config import ConfigError, from_dict, load_yaml, parse_overrides
 from tagray.data.normalize import NormalizerConfig, TagNormalizer
 from tagray.heads.embedding import EmbedConfig
-from tagray.heads.fit import HeadConfig
-from tagray.train.run import TrainRunConfig, train_head
+from tagray.train.run import train_head
+from tagray.train.run_config import TrainRunConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def head_config_class(head: str | None) -> type:
-    from tagray.heads.neighborhood import NeighborsConfig
-    from tagray.heads.refine import RefineConfig
+    """The head's config dataclass (rlr's when no head is named); an unknown head is a ConfigError."""
+    from tagray.heads.recipes import HEADS, config_class
 
-    return {"embed": EmbedConfig, "neighbors": NeighborsConfig, "refine": RefineConfig}.get(head or "", HeadConfig)
+    if head is not None and head not in HEADS:
+        raise ConfigError(f"unknown head {head!r}: tagray train trains one of {', '.join(HEADS)}")
+    return config_class(head or "rlr")
 
 
-def split_settings(data: dict, source: str) -> tuple[HeadConfig | EmbedConfig, TrainRunConfig]:
+def split_settings(data: dict, source: str) -> tuple[object, TrainRunConfig]:
     """One flat dict of settings → the head's config (by `head`) and the Ray run's config."""
     head_cls = head_config_class(data.get("head"))
     run_keys = {f.name for f in dataclasses.fields(TrainRunConfig)}
@@ -56,10 +58,15 @@ def split_settings(data: dict, source: str) -> tuple[HeadConfig | EmbedConfig, T
                           f"expected some of: {', '.join(sorted(run_keys | head_keys))}")
     head = from_dict(head_cls, {k: v for k, v in data.items() if k in head_keys}, source)
     run = from_dict(TrainRunConfig, {k: v for k, v in data.items() if k in run_keys}, source)
+    per_step = head.batch_size // head.m if head.head == "refine" else head.batch_size
+    if per_step % run.workers:
+        what = f"batch_size / m = {per_step}" if head.head == "refine" else f"batch_size={head.batch_size}"
+        raise ConfigError(f"{source}: {what} does not split over {run.workers} workers (each step's global batch "
+                          f"is the configured one): choose a multiple of {run.workers}")
     return head, run
 
 
-def load_settings(config: str | None, overrides: dict) -> tuple[HeadConfig | EmbedConfig, TrainRunConfig]:
+def load_settings(config: str | None, overrides: dict) -> tuple[object, TrainRunConfig]:
     data = load_yaml(config) if config else {}
     data.update(overrides)
     return split_settings(data, f"{config or 'defaults'}{' + command-line overrides' if overrides else ''}")
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     normalizer = TagNormalizer(load_config(NormalizerConfig, head.normalizer))
     inputs = check_inputs(head, args, normalizer)
     from tagray.runtime import init_ray
-    from tagray.train.run import require_resources
+    from tagray.train.run_config import require_resources
 
     init_ray(args.ray_address)
     require_resources(*run.request(head.head), f"training ({run.workers} worker(s) × {run.worker_cpus:g} CPU"

@@ -3,8 +3,8 @@ word-vector space, f = h(x) (eq. 2), and a word t scores f·v_t. Word vectors ar
 jointly with h (unless `fixed_vectors`), held in a `WordTable`-like store that the step
 pulls rows from and pushes sparse gradients to.
 
-`embed_step` is the one training step, shared by the in-process trainer (`fit_embed`) and
-the Ray Train loop (tagray/train/embed_loop.py, where the store is the shard server).
+`embed_step` is the one training step; its recipe is tagray/heads/recipes/embed.py, run in-process
+(a WordTable) and on Ray Train (the shard server) by heads/recipe.run_recipe.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from torch import nn
 
 from tagray.config import ConfigError
 from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
-from tagray.heads.samplers import NEGATIVE_SAMPLERS, log_noise_prior, make_sampler, sample_positives
+from tagray.heads.samplers import NEGATIVE_SAMPLERS, log_noise_prior, sample_positives
 from tagray.heads.word_table import OPTIMIZERS
-from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -205,33 +204,3 @@ def embed_step(
     if not cfg.fixed_vectors:
         table.push(ids, rows.grad.cpu().numpy() / world)
     return float(loss.detach())
-
-
-def fit_embed(
-    x: torch.Tensor, tag_ids: np.ndarray, table, counts: np.ndarray, cfg: EmbedConfig, on_epoch=None
-) -> TagMLP:
-    """Trains h (and, through `table`, the word vectors) in this process on features
-    x (N, D) and padded tag ids (N, W) — every image must carry a tag."""
-    if len(x) == 0:
-        raise ValueError("no training images")
-    words, word_dim = table.shape
-    mlp = new_mlp(x.shape[1], word_dim, cfg)
-    opt = make_optimizer(mlp, cfg)
-    sampler = make_sampler(cfg.sampler, counts, cfg.sampler_power, cfg.pool_size)
-    rng = np.random.default_rng(cfg.seed)
-    batch = min(cfg.batch_size, len(x))
-    per_epoch = max(1, len(x) // batch)
-    schedule = make_scheduler(opt, cfg, cfg.epochs * per_epoch)
-    for epoch in range(cfg.epochs):
-        sampler.new_epoch(rng)
-        order = rng.permutation(len(x))
-        losses = []
-        for i in range(per_epoch):
-            idx = order[i * batch : (i + 1) * batch]
-            loss = embed_step(mlp, opt, x[idx], tag_ids[idx], table, cfg, sampler, rng, words)
-            losses.append(check_loss(loss, epoch + 1, epoch * per_epoch + i + 1, "lower lr / word_lr"))
-            schedule.step()
-        if on_epoch is not None:
-            on_epoch(epoch, float(np.mean(losses)))
-    mlp.eval()
-    return mlp

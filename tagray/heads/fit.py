@@ -1,7 +1,7 @@
-"""Training settings of the linear heads and an in-process trainer (one process, no Ray).
+"""Training settings of the linear heads (HeadConfig), their optimiser and schedule, and `align`.
 
-`tagray train` runs the same `em_step` data-parallel on Ray Train (tagray/train); this
-module is what tests, benchmarks and small corpora use directly.
+The recipe that trains them — in-process, on Ray Train, the same code — is
+tagray/heads/recipes/linear.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import pyarrow.compute as pc
 import torch
 
 from tagray.config import ConfigError
-from tagray.heads.linear import EMConfig, LinearTagger, Reducer, em_step
-from tagray.jsonio import check_loss
+from tagray.heads.linear import EMConfig, LinearTagger
 
 log = logging.getLogger(__name__)
 
@@ -86,50 +85,8 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: HeadConfig, total_steps: int
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
-def new_model(dim: int, tags: int, cfg: HeadConfig, tag_rate: torch.Tensor) -> LinearTagger:
-    """A zero-initialised head whose bias starts at logit(tag rate) and whose EM
-    statistics start at π₀ (LinearTagger.init_statistics)."""
-    torch.manual_seed(cfg.seed)
-    model = LinearTagger(dim, tags, cfg.em() if cfg.robust else None)
-    rate = tag_rate.clamp(1e-4, 1 - 1e-4)
-    with torch.no_grad():
-        z_rate = (rate / cfg.pi_init).clamp(max=0.5) if cfg.robust else rate
-        model.linear.bias.copy_(torch.logit(z_rate))
-    model.init_statistics(tag_rate)
-    return model
-
-
 def steps_per_epoch(rows: int, batch_size: int) -> int:
     return max(1, rows // batch_size)
-
-
-def fit(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    cfg: HeadConfig,
-    model: LinearTagger | None = None,
-    reduce: Reducer | None = None,
-    on_epoch=None,
-) -> LinearTagger:
-    """Trains a head on in-memory features `x` (N, D) and multi-hot tags `y` (N, T)."""
-    if len(x) == 0:
-        raise ValueError("no training images")
-    model = model or new_model(x.shape[1], y.shape[1], cfg, y.mean(0))
-    opt = make_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batch = min(cfg.batch_size, len(x))
-    per_epoch = steps_per_epoch(len(x), batch)
-    schedule = make_scheduler(opt, cfg, cfg.epochs * per_epoch)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=gen)
-        losses = []
-        for i in range(per_epoch):
-            idx = order[i * batch : (i + 1) * batch]
-            losses.append(check_loss(em_step(model, opt, x[idx], y[idx], reduce).loss, epoch + 1, int(model.steps)))
-            schedule.step()
-        if on_epoch is not None:
-            on_epoch(epoch, float(np.mean(losses)), float(model.pi().mean()))
-    return model
 
 
 def align(features: pa.Table, image_ids: pa.Array | pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:

@@ -12,14 +12,13 @@ s(x) = mean of f over `test_samples` sampled neighbourhoods (eq. 1). Images with
 m neighbours use the ones they have; with none, v_z = 0 (the max over an empty set of ReLU
 outputs, which are ≥ 0).
 
-`neighbors_step` is the one training step, shared by the in-process trainer (`fit_neighbors`,
-used by Ray Tune trials) and the Ray Train loop (tagray/train/neighbors_loop.py).
+`neighbors_step` is the one training step; its recipe (batches, validation, best epoch) is
+tagray/heads/recipes/neighbors.py, run in-process, on Ray Train and in Ray Tune by heads/recipe.run_recipe.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
-from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +123,8 @@ def sample_neighborhoods(neighbors: np.ndarray, m: int, rng: np.random.Generator
 
 def gather_neighborhood(x_all: torch.Tensor, chosen: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (B, m, D) and mask (B, m) of the chosen neighbour rows of `x_all`."""
-    mask = torch.from_numpy(chosen >= 0)
-    idx = torch.from_numpy(np.maximum(chosen, 0).astype(np.int64))
+    mask = torch.from_numpy(chosen >= 0).to(x_all.device)
+    idx = torch.from_numpy(np.maximum(chosen, 0).astype(np.int64)).to(x_all.device)
     return x_all[idx], mask
 
 
@@ -162,55 +160,11 @@ def neighborhood_scores(
     `neighbors` index rows of `x` (neighbours come from the same split)."""
     model.eval()
     rng = np.random.default_rng(seed)
-    out = torch.zeros(len(x), model.tags)
+    out = torch.zeros(len(x), model.tags, device=x.device)
     for _ in range(samples):
         chosen = sample_neighborhoods(neighbors, m, rng)
         for lo in range(0, len(x), batch_size):
             z, mask = gather_neighborhood(x, chosen[lo : lo + batch_size])
             out[lo : lo + batch_size] += model(x[lo : lo + batch_size], z, mask)
-    return out / samples
+    return (out / samples).cpu()
 
-
-EpochCallback = Callable[[int, dict, nn.Module, Callable[[], dict]], "bool | None"]
-
-
-def fit_neighbors(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    neighbors: np.ndarray,
-    cfg: NeighborsConfig,
-    on_epoch: EpochCallback | None = None,
-    state: dict | None = None,
-) -> NeighborhoodNet:
-    """Trains in one process on features (N, D), multi-hot targets (N, T) and neighbours (N, M)
-    into x's rows. After each epoch `on_epoch(epoch, {"loss"}, model, state)` runs (`state()` is
-    what `state=` resumes from; returning True stops early). Epoch e's data order and
-    neighbourhoods depend only on (seed, e), so a resumed run repeats an uninterrupted one."""
-    if len(x) == 0:
-        raise ValueError("no training images")
-    torch.manual_seed(cfg.seed)
-    model = NeighborhoodNet(x.shape[1], y.shape[1], cfg.hidden, cfg.dropout)
-    opt = make_optimizer(model, cfg)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-    batch = min(cfg.batch_size, len(x))
-    for epoch in range(start, cfg.epochs):
-        rng = np.random.default_rng([cfg.seed, epoch])
-        order = rng.permutation(len(x))
-        losses = []
-        for lo in range(0, len(x) - batch + 1, batch):
-            idx = order[lo : lo + batch]
-            z, mask = gather_neighborhood(x, sample_neighborhoods(neighbors[idx], cfg.m, rng))
-            loss = neighbors_step(model, model, opt, x[idx], z, mask, y[idx], cfg.l2)
-            losses.append(check_loss(loss, epoch + 1, len(losses) + 1))
-        loss = float(np.mean(losses))
-
-        def snapshot(epoch: int = epoch) -> dict:
-            return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}
-
-        if on_epoch is not None and on_epoch(epoch, {"loss": loss}, model, snapshot):
-            break
-    return model

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
-from tagray.jsonio import check_loss
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +144,12 @@ def dynamic_batch(model: RefineNet, x_all: torch.Tensor, anchors: np.ndarray, ca
     m−1 nearest to it in visual-feature space; returns the batch's rows, group by group, anchor first."""
     model.eval()
     cand = candidates[anchors]  # (G, M), −1 where an image has fewer candidates
-    valid = torch.from_numpy(cand >= 0)
-    v_cand = model.features(x_all[torch.from_numpy(np.maximum(cand, 0).astype(np.int64))])  # (G, M, h)
-    v_anchor = model.features(x_all[torch.from_numpy(anchors.astype(np.int64))])  # (G, h)
+    device = x_all.device
+    valid = torch.from_numpy(cand >= 0).to(device)
+    v_cand = model.features(x_all[torch.from_numpy(np.maximum(cand, 0).astype(np.int64)).to(device)])  # (G, M, h)
+    v_anchor = model.features(x_all[torch.from_numpy(anchors.astype(np.int64)).to(device)])  # (G, h)
     d2 = (v_cand - v_anchor[:, None]).pow(2).sum(-1).masked_fill(~valid, math.inf)
-    nearest = torch.topk(d2, m - 1, dim=1, largest=False).indices.numpy()
+    nearest = torch.topk(d2, m - 1, dim=1, largest=False).indices.cpu().numpy()
     chosen = np.take_along_axis(cand, nearest, axis=1)
     chosen = np.where(chosen >= 0, chosen, anchors[:, None])  # too few candidates: repeat the image
     model.train()
@@ -221,67 +220,11 @@ def make_optimizers(model: RefineNet, cfg: RefineConfig):
 def refine_scores(model: RefineNet, x: torch.Tensor, batch_size: int = 65_536) -> torch.Tensor:
     """p = σ(ϕ(x)) for every image (refinement on training images, annotation on new ones)."""
     model.eval()
-    return torch.cat([torch.sigmoid(model(x[lo : lo + batch_size])) for lo in range(0, len(x), batch_size)])
-
-
-def fit_refine(
-    x: torch.Tensor, g: torch.Tensor, xi: torch.Tensor, cfg: RefineConfig,
-    on_epoch: Callable[[int, dict, RefineNet, Callable[[], dict]], bool | None] | None = None,
-    state: dict | None = None,
-) -> tuple[RefineNet, RefineNet]:
-    """Algorithm 2 in one process on features (N, D), user tags G (N, C) and ξ (C, C); returns
-    (ϕ, ϕ0). `on_epoch(epoch, metrics, model, state)` runs after ϕ0 (epoch 0) and after every
-    refinement epoch; `state()` is what `state=` resumes from; returning True stops early."""
-    if len(x) < cfg.batch_size:
-        raise ValueError(f"{len(x)} training images: need at least batch_size={cfg.batch_size}")
-    torch.manual_seed(cfg.seed)
-    model = RefineNet(x.shape[1], g.shape[1], cfg.hidden, cfg.dropout)
-    phi0 = RefineNet(x.shape[1], g.shape[1], cfg.hidden, cfg.dropout)
-    init_opt, opt, schedule = make_optimizers(model, cfg)
-    done = -1  # last finished epoch (0: ϕ0)
-
-    def snapshot(epoch: int) -> dict:
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
-                "phi0": phi0.state_dict(), "epoch": epoch}
-
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        phi0.load_state_dict(state["phi0"])
-        done = state["epoch"]
-    else:
-        losses = []
-        for e in range(cfg.init_epochs):
-            order = np.random.default_rng([cfg.seed, 10_000 + e]).permutation(len(x))
-            for lo in range(0, len(x) - cfg.init_batch_size + 1, cfg.init_batch_size):
-                idx = order[lo : lo + cfg.init_batch_size]
-                losses.append(check_loss(init_step(model, model, init_opt, x[idx], g[idx]), 0, len(losses) + 1,
-                                         "lower init_lr"))
-        phi0.load_state_dict(model.state_dict())
-        done = 0
-        if on_epoch is not None and on_epoch(0, {"loss": float(np.mean(losses or [np.nan]))}, model, lambda: snapshot(0)):
-            return model, phi0
-    phi0.eval()
-    candidates = visual_candidates(refine_features(phi0, x), cfg.max_rank)
-    laplacian = tag_laplacian(xi)
-    groups = cfg.batch_size // cfg.m
-    for epoch in range(done + 1, cfg.epochs + 1):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(x))
-        rows = []
-        for lo in range(0, len(x) - groups + 1, groups):
-            batch = dynamic_batch(model, x, order[lo : lo + groups], candidates, cfg.m)
-            rows.append(refine_step(model, model, opt, x[batch], g[batch], laplacian, cfg))
-            check_loss(rows[-1]["loss"], epoch, len(rows))
-        schedule.step()
-        metrics = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        if on_epoch is not None and on_epoch(epoch, metrics, model, lambda e=epoch: snapshot(e)):
-            break
-    return model, phi0
+    return torch.cat([torch.sigmoid(model(x[lo : lo + batch_size])) for lo in range(0, len(x), batch_size)]).cpu()
 
 
 @torch.no_grad()
 def refine_features(model: RefineNet, x: torch.Tensor, batch_size: int = 65_536) -> np.ndarray:
     """The visual features v = ϕ(i) of every image, (N, hidden) float32."""
     model.eval()
-    return torch.cat([model.features(x[lo : lo + batch_size]) for lo in range(0, len(x), batch_size)]).numpy()
+    return torch.cat([model.features(x[lo : lo + batch_size]) for lo in range(0, len(x), batch_size)]).cpu().numpy()

@@ -17,22 +17,16 @@ from tagray.config import to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
 from tagray.data.word_vectors import word_table_init
+from tagray.eval.training_plot import plot_history
 from tagray.features import store
 from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
-from tagray.heads.embedding import EmbedConfig, new_mlp
+from tagray.heads.embedding import EmbedConfig
 from tagray.heads.oov import snap_oov
-from tagray.train.data import training_dataset
-from tagray.train.embed_loop import embed_train_loop, load_state
-from tagray.train.run import (
-    TrainingInputs,
-    TrainRunConfig,
-    plot_history,
-    ray_storage,
-    run_name,
-    scaling,
-    training_inputs,
-)
+from tagray.heads.recipes.embed import build_embed
+from tagray.train.driver import fit_on_ray
+from tagray.train.run import TrainingInputs, train_data, training_inputs
+from tagray.train.run_config import TrainRunConfig, run_name
 from tagray.train.shards import ShardedWordTable, read_snapshot
 
 log = logging.getLogger(__name__)
@@ -53,9 +47,6 @@ def train_embed(
     """Trains the word-embedding head on the train split's tagged images; returns the metrics
     also saved in `out`. `inputs`: what `training_inputs(…, tagged_only=True)` read, when the
     caller checked them before starting Ray."""
-    from ray.train import CheckpointConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     t0 = time.perf_counter()
     inputs = inputs or training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url,
                                        tagged_only=True)
@@ -75,38 +66,24 @@ def train_embed(
           f"(d={word_dim}, {int(from_file.sum())} pretrained), {run.shards} shard(s), {run.workers} worker(s)", flush=True)
 
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors"),
-                    vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words))
+                    vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words), run.materialize)
     snapshot_root = storage.join(out, "_ray", name, "word_shards")
-    dataset = training_dataset(features_uri, inputs.train, normalizer.cfg.max_tags, run.data_cpus, run.readers, endpoint_url)
-    if run.materialize:
-        dataset = dataset.materialize()
-    fs, base = ray_storage(out, endpoint_url)
+    train, datasets = train_data(inputs, features_uri, run, normalizer.cfg.max_tags, endpoint_url)
     table = ShardedWordTable.create(initial, run.shards, cfg.word_optimizer, cfg.word_lr, run.shard_cpus, endpoint_url)
     try:
-        trainer = TorchTrainer(
-            embed_train_loop,
-            train_loop_config={
-                "head": to_dict(cfg), "dim": inputs.dim, "words": len(words), "word_dim": word_dim,
-                "counts": counts, "shard_names": table.names, "snapshot_root": snapshot_root,
-                "endpoint_url": endpoint_url, "torch_threads": run.torch_threads, "train_images": inputs.n_train,
-            },
-            scaling_config=scaling(run),
-            run_config=RunConfig(name=name, storage_path=base, storage_filesystem=fs,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            datasets={"train": dataset},
-        )
-        result = trainer.fit()
+        state = fit_on_ray("embed", cfg, {"dim": inputs.dim, "word_dim": word_dim, "counts": counts,
+                                          "train_images": inputs.n_train, "train": train, "snapshot_root": snapshot_root,
+                                          "endpoint_url": endpoint_url},
+                           run, out, name, endpoint_url, datasets,
+                           extra={"shard_names": table.names, "words": len(words), "word_dim": word_dim})
         shard_stats = table.stats()
     finally:
         table.kill()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {out}/_ray)")
-    with result.checkpoint.as_directory() as d:
-        state = load_state(d)
-    mlp = new_mlp(inputs.dim, word_dim, cfg)
-    mlp.load_state_dict(state["mlp"])
+    recipe_state = state["recipe"]
+    mlp = build_embed(cfg, inputs.dim, word_dim)
+    mlp.load_state_dict(recipe_state["mlp"])
     mlp.eval()
-    trained = torch.from_numpy(read_snapshot(state["words"], run.shards, len(words), endpoint_url))
+    trained = torch.from_numpy(read_snapshot(recipe_state["words"], run.shards, len(words), endpoint_url))
 
     unseen = counts == 0
     snap: dict = {"words": int(unseen.sum()), "steps": 0}
@@ -119,7 +96,7 @@ def train_embed(
               f"{snap['loss_after']:.4f})", flush=True)
     else:
         vectors = trained
-    history = state.get("history", [])
+    history = state["history"]
     metrics = {
         "head": "embed",
         "loss_kind": f"{'sampled ' if cfg.sampled else 'full '}{cfg.loss}{' (fixed word vectors)' if cfg.fixed_vectors else ''}",
@@ -130,7 +107,7 @@ def train_embed(
         "vectors_source": cfg.vectors or "random",
         "workers": run.workers,
         "shards": run.shards,
-        "steps": int(state["step"]),
+        "steps": int(recipe_state["step"]),
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "oov_snapping": snap,

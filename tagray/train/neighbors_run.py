@@ -10,20 +10,20 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from tagray import jsonio
 from tagray.config import to_dict
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer
-from tagray.eval.neighbors_report import neighbors_report, summary_lines
+from tagray.eval.neighbors_report import evaluate_neighbors_model
+from tagray.eval.shape import summary_lines
+from tagray.eval.training_plot import plot_epochs
 from tagray.features import store
-from tagray.heads.neighborhood import NeighborhoodNet, NeighborsConfig, neighborhood_scores
+from tagray.heads.neighborhood import NeighborsConfig
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
+from tagray.heads.recipes.neighbors import build_neighbors
 from tagray.heads.split_arrays import SplitArrays, SplitsData, metadata_lists, metadata_neighbors
-from tagray.train.array_loops import fit_array_loop
-from tagray.train.neighbors_loop import neighbors_train_loop
-from tagray.train.run import TrainRunConfig, plot_epochs, run_name
+from tagray.train.driver import fit_on_ray
+from tagray.train.run_config import TrainRunConfig, run_name
 
 log = logging.getLogger(__name__)
 
@@ -74,45 +74,21 @@ def train_neighbors(
           f"(m={cfg.m} of M={cfg.max_rank}), {run.workers} worker(s)", flush=True)
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "test_samples"), data.vocab.version,
                     store.comparable(data.identity), run.workers)
-    config = {"head": to_dict(cfg), "tags": data.tags,
-              "train_ref": ray.put(data.shared("train", cfg.target)), "val_ref": ray.put(data.shared("val", cfg.target))}
-    state = fit_array_loop(neighbors_train_loop, config, run, out, name, endpoint_url)
-    model = NeighborhoodNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
-    model.load_state_dict(state["best"]["model"] or state["model"])
+    inputs = {"tags": data.tags, "train": ray.put(data.shared("train", cfg.target)),
+              "val": ray.put(data.shared("val", cfg.target))}
+    state = fit_on_ray("neighbors", cfg, inputs, run, out, name, endpoint_url)
+    recipe, history = state["recipe"], state["history"]
+    model = build_neighbors(cfg, train.x.shape[1], data.tags)
+    model.load_state_dict(recipe["best"]["model"] or recipe["model"])
     model.eval()
-    history = state["history"]
     metrics = {"head": "neighbors", "train_images": len(train), "tags": data.tags, "workers": run.workers,
-               "best_epoch": state["best"]["epoch"], "best_val_map": state["best"]["map"],
+               "best_epoch": recipe["best"]["epoch"], "best_val_map": recipe["best"]["map"],
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "neighbors_found": {s: float((nn >= 0).sum(1).mean()) for s, nn in data.neighbors.items()},
                "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
     save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, f"neighbourhood model ({cfg.metadata})")
-    report = evaluate_neighbors(model, data, cfg, "test")
+    report = evaluate_neighbors_model(model, data, cfg, "test")
     storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics
-
-
-def evaluate_neighbors(model: NeighborhoodNet, data: NeighborsData, cfg: NeighborsConfig, split: str,
-                       with_baselines: bool = True) -> dict:
-    """Seed 003 Table 2 on `split` for the model and the paper's baselines."""
-    part = data.parts[split]
-    scores = neighborhood_scores(model, torch.from_numpy(part.x), data.neighbors[split], cfg.m, cfg.test_samples, cfg.seed)
-    return neighbors_report(scores.numpy(), part, data.neighbors[split], data.parts["train"], cfg.target, data.tags,
-                            with_baselines)
-
-
-def evaluate_saved(model_dir: str, manifest_uri: str, features_uri: str, split: str, with_baselines: bool = True,
-                   endpoint_url: str | None = None) -> dict:
-    """`tagray evaluate` of a saved neighbourhood model: its normaliser and vocabulary, neighbours
-    recomputed within each split of this manifest, Table 2 with the baselines."""
-    from tagray.heads.models import load_model
-
-    head = load_model(model_dir, endpoint_url)
-    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
-    data = NeighborsData(manifest_uri, features_uri, head.config, normalizer, endpoint_url, vocab=head.vocab)
-    store.require_same(data.identity, head.backbone, features_uri, model_dir)
-    report = evaluate_neighbors(head.model, data, head.config, split, with_baselines)
-    report.update({"model_dir": model_dir, "head": "neighbors"})
-    return report

@@ -12,7 +12,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 
 from tagray import jsonio
 from tagray.config import to_dict
@@ -24,14 +23,16 @@ from tagray.data.tag_similarity import (
     tag_similarity,
     wordnet_distance,
 )
-from tagray.eval.refine_report import refine_report, summary_lines
+from tagray.eval.refine_report import evaluate_refine_model
+from tagray.eval.shape import summary_lines
+from tagray.eval.training_plot import plot_epochs
 from tagray.features import store
 from tagray.heads.net_artifact import SavedNetHead, save_net_head
-from tagray.heads.refine import RefineConfig, RefineNet, refine_scores
+from tagray.heads.recipes.refine import build_refine
+from tagray.heads.refine import RefineConfig
 from tagray.heads.split_arrays import SplitsData
-from tagray.train.array_loops import fit_array_loop
-from tagray.train.refine_loop import refine_train_loop
-from tagray.train.run import TrainRunConfig, plot_epochs, run_name
+from tagray.train.driver import fit_on_ray
+from tagray.train.run_config import TrainRunConfig, run_name
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +74,21 @@ def train_refine(
           f"({100 * (xi > 0).mean():.0f}% of tag pairs related), {run.workers} worker(s)", flush=True)
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every"), data.vocab.version, store.comparable(data.identity),
                     run.workers)
-    config = {"head": to_dict(cfg), "tags": data.tags,
-              "train_ref": ray.put({"x": train.x, "tag_ids": train.tag_ids, "xi": xi}),
-              "val_ref": ray.put(data.validation("val"))}
-    state = fit_array_loop(refine_train_loop, config, run, out, name, endpoint_url)
-    model, phi0 = (RefineNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout) for _ in range(2))
-    model.load_state_dict(state["best"]["model"] or state["model"])
-    phi0.load_state_dict(state["phi0"])
-    history = state["history"]
+    inputs = {"tags": data.tags, "train": ray.put({"x": train.x, "tag_ids": train.tag_ids, "xi": xi}),
+              "val": ray.put(data.validation("val"))}
+    state = fit_on_ray("refine", cfg, inputs, run, out, name, endpoint_url)
+    recipe, history = state["recipe"], state["history"]
+    model, phi0 = (build_refine(cfg, train.x.shape[1], data.tags) for _ in range(2))
+    model.load_state_dict(recipe["best"]["model"] or recipe["model"])
+    phi0.load_state_dict(recipe["phi0"])
     metrics = {"head": "refine", "train_images": len(train), "tags": data.tags, "workers": run.workers,
-               "best_epoch": state["best"]["epoch"], "best_val_map": state["best"]["map"],
+               "best_epoch": recipe["best"]["epoch"], "best_val_map": recipe["best"]["map"],
                "phi0_val_map": history[0].get("val_map") if history else None,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
     save_net_head(SavedNetHead(model.eval(), data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, "refinement (epoch 0 = ϕ0)")
-    report = evaluate_refine(model, phi0, data)
+    report = evaluate_refine_model(model, phi0, data)
     storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics
-
-
-def evaluate_refine(model: RefineNet, phi0: RefineNet | None, data: SplitsData, with_baselines: bool = True) -> dict:
-    """Refinement (train split) and annotation (test split) for the model, ϕ0 and the baselines."""
-    models = {"model": model, **({"multi_cnn": phi0} if phi0 is not None else {})}
-    scores = {name: {s: refine_scores(m, torch.from_numpy(data.parts[s].x)).numpy() for s in ("train", "test")}
-              for name, m in models.items()}
-    return refine_report(scores, data.parts["train"], data.parts["test"], data.tags, with_baselines=with_baselines)

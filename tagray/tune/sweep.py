@@ -3,9 +3,9 @@
 The driver reads the splits once (features, targets, metadata lists; for refine also the tag
 distances dist_ctx and dist_KB, which do not depend on α) and hands them to every trial
 through the object store (`tune.with_parameters`). A trial trains one configuration in its
-own process with the in-process trainer (`fit_neighbors` / `fit_refine`: the same steps Ray
-Train runs), reports validation mAP per label every epoch with a checkpoint, and ASHA stops
-the weak ones early. Trials run concurrently, as many as the cluster's CPUs (and GPUs) hold.
+own process with the head's recipe under `run_recipe` — the loop the Ray Train worker runs,
+on the same arrays, so `tagray train` with the best settings is the same computation — reports
+validation mAP per label every epoch with a checkpoint, and ASHA stops the weak ones early. Trials run concurrently, as many as the cluster's CPUs (and GPUs) hold.
 
 Outputs under OUT: results.csv (one row per trial: its settings, best validation mAP, epochs
 run), mAP against each swept setting (sweep.png), best_model/ (a model directory that
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 
@@ -30,9 +29,13 @@ from tagray import jsonio
 from tagray.config import from_dict, to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
+from tagray.heads.recipe import run_recipe
+from tagray.heads.recipes import build_recipe
+from tagray.heads.recipes.neighbors import build_neighbors
+from tagray.heads.recipes.refine import build_refine
 from tagray.heads.split_arrays import SplitsData, metadata_lists, metadata_neighbors
-from tagray.train.array_loops import STATE_FILE, load_state
-from tagray.train.run import ray_storage
+from tagray.train.run_config import ray_storage
+from tagray.train.worker import load_state, save_state
 from tagray.tune.space import TuneConfig, head_config_class
 
 log = logging.getLogger(__name__)
@@ -64,71 +67,72 @@ class SweepFailed(RuntimeError):
     """Every trial of a sweep errored: the message names the results table and the first error."""
 
 
-def _save(d: str, state: dict, val_map: float) -> None:
-    torch.save({**state, "val_map": val_map}, os.path.join(d, STATE_FILE))
+class TuneSession:
+    """A Ray Tune trial's session (tagray/heads/recipe.Session): one process — the trial's — on its
+    GPU when the sweep gives trials one (trial_gpus), else the CPU; checkpoints through
+    `tune.report` at the end of every epoch (ASHA counts reports as iterations, so mid-epoch
+    checkpoints are skipped), restored from `tune.get_checkpoint()` on a resumed sweep."""
 
+    world, rank = 1, 0
 
-def neighbors_trial(config: dict, data: SweepData) -> None:
-    """One seed 003 configuration: neighbours for its (metadata, τ, M), then `fit_neighbors`."""
-    from ray import tune
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    from tagray.heads.neighborhood import NeighborsConfig, fit_neighbors
-    from tagray.heads.targets import multi_hot
-    from tagray.train.neighbors_loop import validation_map
+    def prepare(self, model, **ddp):
+        return model.to(self.device)
 
-    torch.set_num_threads(1)
-    cfg = from_dict(NeighborsConfig, config, "trial")
-    parts = [data.parts["train"], data.parts["val"]]
-    nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
-    train = data.parts["train"]
-    val = {**data.validation("val"), "neighbors": nn["val"]}
-    state = _restore()
+    def all_reduce(self, t):
+        return t
 
-    def on_epoch(epoch: int, metrics: dict, model, snapshot) -> None:
-        val_map = validation_map(model, val, cfg)
-        with tempfile.TemporaryDirectory() as d:
-            _save(d, snapshot(), val_map)
-            tune.report({"epoch": epoch + 1, "val_map": val_map, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+    def broadcast(self, t, src: int = 0):
+        return t
 
-    fit_neighbors(torch.from_numpy(train.x), multi_hot(train.targets(cfg.target), data.tags), nn["train"], cfg,
-                  on_epoch, state)
-
-
-def refine_trial(config: dict, data: SweepData) -> None:
-    """One seed 002 configuration: ξ for its α, then `fit_refine` (epoch 0 reports ϕ0)."""
-    from ray import tune
-
-    from tagray.data.tag_similarity import tag_similarity
-    from tagray.heads.refine import RefineConfig, fit_refine
-    from tagray.heads.targets import multi_hot
-    from tagray.train.refine_loop import validation_map
-
-    torch.set_num_threads(1)
-    cfg = from_dict(RefineConfig, config, "trial")
-    xi = torch.from_numpy(tag_similarity(*data.distances, cfg.alpha)).float()
-    train, val = data.parts["train"], data.validation("val")
-    state = _restore()
-
-    def on_epoch(epoch: int, metrics: dict, model, snapshot) -> None:
-        val_map = validation_map(model, val)
-        with tempfile.TemporaryDirectory() as d:
-            _save(d, snapshot(), val_map)
-            tune.report({"epoch": epoch, "val_map": val_map, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
-
-    fit_refine(torch.from_numpy(train.x), multi_hot(train.tag_ids, data.tags), xi, cfg, on_epoch, state)
-
-
-def _restore() -> dict | None:
-    """The trial's last checkpoint (a resumed sweep), or None."""
-    from ray import tune
-
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
+    def barrier(self) -> None:
         return None
-    with checkpoint.as_directory() as d:
-        state = load_state(d)
-    state.pop("val_map", None)
-    return state
+
+    def restore(self) -> dict | None:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_state(d)
+
+    def report(self, metrics: dict, state: dict | None, epoch_end: bool = True) -> None:
+        from ray import tune
+
+        if not epoch_end:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            save_state(state, d)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    def stream(self, per_worker: int, seed: int, epoch: int):
+        return None
+
+
+def trial_inputs(head: str, cfg, data: SweepData) -> dict:
+    """The recipe inputs of one configuration — the same arrays `tagray train --head …` gives its
+    workers (tagray/train/neighbors_run.py, refine_run.py), so a trial is the same computation."""
+    train = data.parts["train"]
+    if head == "neighbors":
+        parts = [data.parts["train"], data.parts["val"]]
+        nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
+        return {"tags": data.tags,
+                "train": {"target_ids": train.targets(cfg.target), "x": train.x, "neighbors": nn["train"]},
+                "val": {**data.validation("val"), "neighbors": nn["val"]}}
+    from tagray.data.tag_similarity import tag_similarity
+
+    xi = tag_similarity(*data.distances, cfg.alpha).astype(np.float32)
+    return {"tags": data.tags, "train": {"x": train.x, "tag_ids": train.tag_ids, "xi": xi}, "val": data.validation("val")}
+
+
+def trial(config: dict, data: SweepData) -> None:
+    """One configuration of the sweep: the head's recipe under `run_recipe`, as `tagray train` runs it."""
+    torch.set_num_threads(1)
+    cfg = from_dict(head_config_class(data.head), config, "trial")
+    run_recipe(build_recipe(data.head, cfg, trial_inputs(data.head, cfg, data)), TuneSession())
 
 
 def concurrency(sweep: TuneConfig) -> int:
@@ -161,8 +165,7 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
 
     t0 = time.perf_counter()
     data = data or SweepData(manifest_uri, features_uri, sweep, normalizer, endpoint_url)
-    trial_fn = neighbors_trial if sweep.head == "neighbors" else refine_trial
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, data=data),
+    trainable = tune.with_resources(tune.with_parameters(trial, data=data),
                                     {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus})
     fs, base = ray_storage(out, endpoint_url)
     name = experiment_name(sweep, data)
@@ -283,38 +286,29 @@ def export_best(best, data: SweepData, sweep: TuneConfig, out: str, endpoint_url
     with checkpoint.as_directory() as d:
         state = load_state(d)
     cfg = from_dict(head_config_class(sweep.head), best.config, "best trial")
-    train = data.parts["train"]
-    if sweep.head == "neighbors":
-        from tagray.heads.neighborhood import NeighborhoodNet
-
-        model = NeighborhoodNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
-    else:
-        from tagray.heads.refine import RefineNet
-
-        model = RefineNet(train.x.shape[1], data.tags, cfg.hidden, cfg.dropout)
-    model.load_state_dict(state["model"])
+    train, recipe = data.parts["train"], state["recipe"]
+    build = build_neighbors if sweep.head == "neighbors" else build_refine
+    model = build(cfg, train.x.shape[1], data.tags)
+    model.load_state_dict(recipe["best"]["model"] or recipe["model"])
     model.eval()
-    metrics = {"head": sweep.head, "train_images": len(train), "tags": data.tags, "best_val_map": float(state["val_map"]),
-               "best_epoch": int(state["epoch"]), "sweep_settings": _settings(best.config, sweep), "trial": best.path}
+    metrics = {"head": sweep.head, "train_images": len(train), "tags": data.tags,
+               "best_val_map": float(recipe["best"]["map"]), "best_epoch": int(recipe["best"]["epoch"]),
+               "sweep_settings": _settings(best.config, sweep), "trial": best.path}
     save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
-    report = _best_report(model, state, cfg, data, sweep)
+    report = _best_report(model, recipe, cfg, data, sweep)
     storage.write_text(storage.join(out, "report.json"), jsonio.dumps(report, "report.json", indent=1), endpoint_url)
     return out
 
 
 def _best_report(model, state: dict, cfg, data: SweepData, sweep: TuneConfig) -> dict:
     if sweep.head == "neighbors":
-        from tagray.eval.neighbors_report import neighbors_report
-        from tagray.heads.neighborhood import neighborhood_scores
+        from tagray.eval.neighbors_report import evaluate_neighbors_model
 
         parts = list(data.parts.values())
         nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
-        test = data.parts["test"]
-        scores = neighborhood_scores(model, torch.from_numpy(test.x), nn["test"], cfg.m, cfg.test_samples, cfg.seed)
-        return neighbors_report(scores.numpy(), test, nn["test"], data.parts["train"], cfg.target, data.tags)
-    from tagray.heads.refine import RefineNet
-    from tagray.train.refine_run import evaluate_refine
+        return evaluate_neighbors_model(model, data, cfg, "test", neighbors=nn)
+    from tagray.eval.refine_report import evaluate_refine_model
 
-    phi0 = RefineNet(model.dim, model.tags, cfg.hidden, cfg.dropout)
+    phi0 = build_refine(cfg, model.dim, model.tags)
     phi0.load_state_dict(state["phi0"])
-    return evaluate_refine(model, phi0, data)
+    return evaluate_refine_model(model, phi0, data)

@@ -1,0 +1,152 @@
+"""The training recipe of tag refinement (seed 002, Algorithm 2; SPEC §3.3).
+
+Epoch 0 is ϕ0: `init_epochs` passes of multi-label logistic loss on the user tags (Adam).
+Before epoch 1, rank 0 finds every training image's M nearest images in ϕ0's visual-feature
+space (exact faiss) and broadcasts them. Epochs 1 … `epochs` are Algorithm 1 batches on
+L_vis + λ1 L_sem + λ2 L_err (SGD, ÷10 every `lr_step_epochs`): each worker builds its
+s/m/world groups from its share of a permutation of the anchors seeded by (seed, epoch), with
+its (identical) replica of the current ϕ; the batch-summed terms are scaled by the world size
+(`refine_step`). Rank 0 scores validation after every epoch and keeps the best epoch; ϕ0's
+weights travel in the state, the candidates are recomputed from them on resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from tagray.eval.metrics import mean_average_precision
+from tagray.heads.recipe import BestEpoch, Recipe, Session, epoch_indices, global_batch
+from tagray.heads.refine import (
+    RefineConfig,
+    RefineNet,
+    dynamic_batch,
+    init_step,
+    make_optimizers,
+    refine_features,
+    refine_scores,
+    refine_step,
+    tag_laplacian,
+    visual_candidates,
+)
+from tagray.heads.targets import multi_hot
+
+
+def build_refine(cfg: RefineConfig, dim: int, tags: int) -> RefineNet:
+    """ϕ with cfg's visual feature size and dropout, seeded by cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    return RefineNet(dim, tags, cfg.hidden, cfg.dropout)
+
+
+def validation_map(model: RefineNet, val: dict, device: torch.device | None = None) -> float:
+    scores = refine_scores(model, torch.as_tensor(val["x"]).to(device or torch.device("cpu"))).numpy()
+    return mean_average_precision(scores[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
+
+
+class RefineRecipe(Recipe):
+    name = "refine"
+    first_epoch = 0  # ϕ0
+    val_metric = "val_map"
+    hint = "lower lr / init_lr"
+
+    def __init__(self, cfg: RefineConfig, tags: int, train: dict, val: dict | None = None) -> None:
+        self.cfg, self.tags, self.train, self.val = cfg, tags, train, val
+        self.n, self.dim = len(train["x"]), int(np.asarray(train["x"]).shape[1])
+        self.epochs, self.seed = cfg.epochs, cfg.seed
+        self.checkpoint_every = cfg.checkpoint_every
+
+    def setup(self, session: Session) -> None:
+        cfg = self.cfg
+        if self.n < cfg.batch_size:
+            raise ValueError(f"{self.n} training images: need at least batch_size={cfg.batch_size}")
+        self.groups = global_batch(cfg.batch_size // cfg.m, session.world, "batch_size / m")
+        self.init_per_worker = global_batch(min(cfg.init_batch_size, self.n), session.world, "init_batch_size")
+        self.model = build_refine(cfg, self.dim, self.tags)
+        self.forward = session.prepare(self.model)
+        self.init_opt, self.opt, self.schedule = make_optimizers(self.model, cfg)
+        self.x = torch.as_tensor(self.train["x"]).to(session.device)
+        g = self.train["y"] if "y" in self.train else multi_hot(self.train["tag_ids"], self.tags)
+        self.g = torch.as_tensor(g).float().to(session.device)
+        self.laplacian = tag_laplacian(torch.as_tensor(self.train["xi"]).float()).to(session.device)
+        self.best, self.phi0, self.candidates, self._steps = BestEpoch(), None, None, 0
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "init_optimizer": self.init_opt.state_dict(),
+                "optimizer": self.opt.state_dict(), "schedule": self.schedule.state_dict(), "best": self.best.state,
+                "phi0": self.phi0, "step": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.init_opt.load_state_dict(state["init_optimizer"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.best, self.phi0, self._steps = BestEpoch(state["best"]), state["phi0"], int(state["step"])
+
+    def batches(self, epoch: int, session: Session) -> Iterable[tuple[str, np.ndarray]]:
+        if epoch == 0:
+            return self._init_batches(session)
+        if self.candidates is None:
+            self.candidates = self._candidates(session)
+        return (("refine", anchors) for anchors in
+                epoch_indices(self.n, self.groups, session.world, session.rank, self.cfg.seed, epoch))
+
+    def _init_batches(self, session: Session) -> Iterator[tuple[str, np.ndarray]]:
+        for e in range(self.cfg.init_epochs):
+            for idx in epoch_indices(self.n, self.init_per_worker, session.world, session.rank, self.cfg.seed, 10_000 + e):
+                yield "init", idx
+
+    def _candidates(self, session: Session) -> np.ndarray:
+        """Algorithm 2 step 2: the M nearest training images in ϕ0's feature space (rank 0, broadcast)."""
+        phi0 = build_refine(self.cfg, self.dim, self.tags).to(session.device)
+        phi0.load_state_dict(self.phi0)
+        if session.rank == 0:
+            cand = torch.from_numpy(visual_candidates(refine_features(phi0, self.x), self.cfg.max_rank))
+        else:
+            cand = torch.empty(self.n, self.cfg.max_rank, dtype=torch.int32)
+        if session.world > 1:
+            cand = session.broadcast(cand.to(session.device), 0).cpu()
+        return cand.numpy()
+
+    def train_step(self, batch: tuple[str, np.ndarray], session: Session) -> dict[str, float]:
+        stage, idx = batch
+        self._steps += 1
+        if stage == "init":
+            return {"loss": init_step(self.model, self.forward, self.init_opt, self.x[idx], self.g[idx])}
+        rows = dynamic_batch(self.model, self.x, idx, self.candidates, self.cfg.m)
+        return refine_step(self.model, self.forward, self.opt, self.x[rows], self.g[rows], self.laplacian, self.cfg,
+                           session.world)
+
+    def end_epoch(self, epoch: int, session: Session) -> dict[str, float]:
+        if epoch == 0:
+            self.phi0 = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.schedule.step()
+        if session.rank != 0 or self.val is None:
+            return {}
+        val_map = validation_map(self.model, self.val, session.device)
+        self.best.update(epoch, val_map, self.model)
+        return {"val_map": val_map}
+
+    def best_model(self) -> RefineNet:
+        """The best epoch's ϕ (the last epoch's without validation), in eval mode on the CPU."""
+        model = build_refine(self.cfg, self.dim, self.tags)
+        model.load_state_dict(self.best.state["model"] or {k: v.cpu() for k, v in self.model.state_dict().items()})
+        return model.eval()
+
+    def phi0_model(self) -> RefineNet:
+        model = build_refine(self.cfg, self.dim, self.tags)
+        model.load_state_dict(self.phi0)
+        return model.eval()
+
+
+def fit_refine(x: torch.Tensor, g: torch.Tensor, xi: torch.Tensor, cfg: RefineConfig, val: dict | None = None,
+               on_epoch=None) -> tuple[RefineNet, RefineNet]:
+    """Algorithm 2 in this process on features (N, D), dense user tags G (N, C) and ξ (C, C);
+    returns (ϕ, ϕ0) — ϕ the best epoch's with `val`, else the last."""
+    from tagray.heads.recipe import LocalSession, run_recipe
+
+    recipe = RefineRecipe(cfg, g.shape[1], {"x": x, "y": g, "xi": xi}, val)
+    run_recipe(recipe, LocalSession(), on_epoch)
+    return recipe.best_model(), recipe.phi0_model()

@@ -1,0 +1,183 @@
+"""The one training loop (heads/recipe.run_recipe) and every head's recipe, in-process.
+
+What the Ray Train worker and Tune trials add is only the session; these tests pin what the
+loop itself guarantees for every head: resume equals an uninterrupted run, a non-finite loss
+stops the run naming epoch and step with no NaN state reported, early stopping, an uneven
+global batch is refused, and model, batches and optimiser state sit on the session's device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tagray.heads.embedding import EmbedConfig
+from tagray.heads.fit import HeadConfig
+from tagray.heads.neighborhood import NeighborsConfig
+from tagray.heads.recipe import (
+    LocalSession,
+    NonFiniteLoss,
+    Recipe,
+    epoch_indices,
+    global_batch,
+    run_recipe,
+)
+from tagray.heads.recipes import build_recipe
+from tagray.heads.refine import RefineConfig
+from tagray.heads.targets import PAD
+from tagray.heads.word_table import WordTable
+
+N, D, T = 240, 16, 6
+
+
+def _data(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    concept = rng.integers(0, T, N)
+    x = (rng.normal(size=(N, D)) + 3 * np.eye(T, D)[concept]).astype(np.float32)
+    tag_ids = np.full((N, 3), PAD, np.int32)
+    tag_ids[:, 0] = concept
+    tag_ids[::3, 1] = (concept[::3] + 1) % T
+    neighbors = np.stack([rng.permutation(np.nonzero(concept == c)[0])[:4] for c in concept]).astype(np.int32)
+    y = np.zeros((N, T), np.float32)
+    y[np.arange(N), concept] = 1
+    val = {"x": x[:60], "rows": np.arange(60), "cols": np.arange(T), "truth": y[:60], "neighbors": neighbors[:60] % 60}
+    return {"x": x, "tag_ids": tag_ids, "neighbors": neighbors, "y": y, "val": val}
+
+
+def _recipe(head: str, data: dict, **cfg) -> Recipe:
+    if head in ("lr", "rlr"):
+        c = HeadConfig(head=head, epochs=3, batch_size=40, **cfg)
+        rate = data["y"].mean(0)
+        return build_recipe(head, c, {"dim": D, "tags": T, "tag_rate": rate, "train_images": N,
+                                      "train": {"x": data["x"], "tag_ids": data["tag_ids"]}})
+    if head == "embed":
+        c = EmbedConfig(epochs=3, batch_size=40, word_dim=8, **cfg)
+        table = WordTable(np.random.default_rng(0).normal(scale=0.1, size=(T, 8)).astype(np.float32))
+        counts = np.bincount(data["tag_ids"][data["tag_ids"] >= 0], minlength=T)
+        return build_recipe("embed", c, {"dim": D, "word_dim": 8, "counts": counts, "table": table,
+                                         "train_images": N, "train": {"x": data["x"], "tag_ids": data["tag_ids"]}})
+    if head == "neighbors":
+        c = NeighborsConfig(epochs=3, batch_size=40, hidden=16, lr=3e-3, max_rank=4, **cfg)
+        return build_recipe("neighbors", c, {"tags": T, "val": data["val"], "train": {
+            "x": data["x"], "target_ids": data["tag_ids"], "neighbors": data["neighbors"]}})
+    c = RefineConfig(epochs=3, batch_size=40, m=4, max_rank=8, hidden=16, init_epochs=2, init_batch_size=40, **cfg)
+    xi = np.eye(T, dtype=np.float32)
+    return build_recipe("refine", c, {"tags": T, "val": data["val"],
+                                      "train": {"x": data["x"], "tag_ids": data["tag_ids"], "xi": xi}})
+
+
+HEADS = ["lr", "rlr", "embed", "neighbors", "refine"]
+
+
+def _weights(recipe: Recipe) -> dict[str, torch.Tensor]:
+    model = recipe.mlp if hasattr(recipe, "mlp") else recipe.model
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_a_resumed_run_equals_an_uninterrupted_one(head):
+    data = _data()
+    whole = _recipe(head, data)
+    history = run_recipe(whole, LocalSession())
+    assert [h["epoch"] for h in history] == list(range(whole.first_epoch, 4))
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+    first = _recipe(head, data)
+    first.epochs = 2
+    session = LocalSession()
+    run_recipe(first, session)
+    saved = session.last_state
+    assert saved["next_epoch"] == 3
+    resumed = _recipe(head, data)
+    history2 = run_recipe(resumed, LocalSession(resume_from=saved))
+    assert [h["epoch"] for h in history2] == [h["epoch"] for h in history]
+    for k, v in _weights(whole).items():
+        torch.testing.assert_close(_weights(resumed)[k], v, rtol=0, atol=0, msg=f"{head}: {k}")
+    assert history2[-1]["loss"] == pytest.approx(history[-1]["loss"], abs=1e-9)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_a_non_finite_loss_stops_naming_epoch_and_step_and_reports_no_nan_state(head):
+    data = _data()
+    recipe = _recipe(head, data)
+    session = LocalSession()
+    original = recipe.train_step
+    calls = {"n": 0}
+
+    def poisoned(batch, s):
+        out = original(batch, s)
+        calls["n"] += 1
+        if calls["n"] == (15 if head == "refine" else 9):  # the 2nd epoch's 3rd step (6 an epoch; refine's ϕ0: 12)
+            out = {**out, "loss": float("nan")}
+        return out
+
+    recipe.train_step = poisoned
+    with pytest.raises(NonFiniteLoss, match=r"epoch \d+.*step \d+") as err:
+        run_recipe(recipe, session)
+    assert "nan" in str(err.value).lower()
+    # What was reported before the bad step is finite; nothing after it was reported.
+    assert session.reports and all(math.isfinite(r["loss"]) for r in session.reports)
+    assert session.last_state is not None and session.last_state["next_epoch"] == recipe.first_epoch + 1
+
+
+def test_early_stopping_after_patience_epochs_without_a_better_validation_metric():
+    data = _data()
+    recipe = _recipe("neighbors", data)
+    recipe.epochs, recipe.patience = 30, 2
+    values = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.1, 0.1])
+    recipe.end_epoch = lambda epoch, s: {"val_map": next(values)}
+    history = run_recipe(recipe, LocalSession())
+    assert [h["val_map"] for h in history] == [0.5, 0.6, 0.55, 0.58]  # 2 epochs not above 0.6: stop
+    assert history[-1]["early_stop"] is True and history[-1]["best_val_map"] == 0.6
+
+
+def test_the_global_batch_must_split_over_the_workers():
+    assert global_batch(500, 4) == 125
+    with pytest.raises(ValueError, match="batch_size=500 does not split over 3 workers"):
+        global_batch(500, 3)
+
+
+def test_epoch_batches_deal_one_permutation_out_by_rank():
+    one = np.concatenate(list(epoch_indices(100, 10, 1, 0, seed=3, epoch=2)))
+    two = [np.concatenate(list(epoch_indices(100, 5, 2, r, seed=3, epoch=2))) for r in (0, 1)]
+    assert sorted(one) == list(range(100))
+    assert sorted(np.concatenate(two)) == list(range(100))  # the workers share out the same images
+    np.testing.assert_array_equal(two[0], one[0::2])
+    assert not np.array_equal(one, np.concatenate(list(epoch_indices(100, 10, 1, 0, seed=3, epoch=3))))
+
+
+class _SpySession(LocalSession):
+    """Records the device of every tensor a step sees (batches and the model's parameters)."""
+
+    def __init__(self, device):
+        super().__init__(device=device)
+        self.seen: set[torch.device] = set()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_model_batches_and_optimiser_state_sit_on_the_sessions_device(head):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = _data()
+    recipe = _recipe(head, data)
+    session = _SpySession(device)
+    original = recipe.train_step
+
+    def spy(batch, s):
+        model = recipe.mlp if hasattr(recipe, "mlp") else recipe.model
+        if not getattr(model, "_spied", False):  # what the forward pass is given: the batch on the device
+            model.register_forward_pre_hook(
+                lambda m, args: session.seen.update(a.device for a in args if isinstance(a, torch.Tensor)))
+            model._spied = True
+        out = original(batch, s)
+        session.seen |= {p.device for p in model.parameters()}
+        session.seen |= {v.device for st in recipe.opt.state.values() for v in st.values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0}
+        return out
+
+    recipe.train_step = spy
+    recipe.epochs = recipe.first_epoch + 1
+    run_recipe(recipe, session)
+    assert session.seen == {device}
