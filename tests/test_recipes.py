@@ -181,3 +181,16 @@ def test_model_batches_and_optimiser_state_sit_on_the_sessions_device(head):
     recipe.epochs = recipe.first_epoch + 1
     run_recipe(recipe, session)
     assert session.seen == {device}
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["head=svm"], "unknown head 'svm': tagray train trains one of lr, rlr, embed, neighbors, refine"),
+    (["--workers", "3", "batch_size=500"], "batch_size=500 does not split over 3 workers"),
+    (["--head", "refine", "--workers", "3"], "batch_size / m = 8 does not split over 3 workers"),
+])
+def test_tagray_train_refuses_an_unknown_head_and_an_uneven_batch_before_reading_anything(argv, message, tmp_path, capsys):
+    from tagray import cli
+
+    missing = str(tmp_path / "missing")
+    assert cli.main(["train", "--manifest", missing, "--features", missing, "--out", missing, *argv]) == 2
+    assert message in capsys.readouterr().err

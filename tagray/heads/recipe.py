@@ -152,7 +152,8 @@ def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None
             if every and recipe.steps_done() % every == 0 and recipe.steps_done() > started_at:
                 partial = {"epoch": epoch, "step": recipe.steps_done(), "loss": float(np.mean([r["loss"] for r in rows]))}
                 _report(session, recipe, partial, history, next_epoch=epoch, epoch_end=False)  # a restart repeats this epoch
-        metrics = {"epoch": epoch, "step": recipe.steps_done(), **_means(rows), "steps_in_epoch": len(rows)}
+        metrics = {"epoch": epoch, "step": recipe.steps_done(), **_means(rows), "steps_in_epoch": len(rows),
+                   "device": str(session.device)}
         metrics.update(recipe.end_epoch(epoch, session))
         metrics["epoch_seconds"] = time.perf_counter() - t0
         if recipe.val_metric and metrics.get(recipe.val_metric) is not None:

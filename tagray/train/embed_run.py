@@ -105,7 +105,7 @@ def train_embed(
         "words": len(words),
         "pretrained_words": int(from_file.sum()),
         "vectors_source": cfg.vectors or "random",
-        "workers": run.workers,
+        "workers": run.workers, "device": history[-1].get("device") if history else None,
         "shards": run.shards,
         "steps": int(recipe_state["step"]),
         "final_loss": history[-1]["loss"] if history else None,

@@ -81,7 +81,7 @@ def train_neighbors(
     model = build_neighbors(cfg, train.x.shape[1], data.tags)
     model.load_state_dict(recipe["best"]["model"] or recipe["model"])
     model.eval()
-    metrics = {"head": "neighbors", "train_images": len(train), "tags": data.tags, "workers": run.workers,
+    metrics = {"head": "neighbors", "train_images": len(train), "tags": data.tags, "workers": run.workers, "device": history[-1].get("device") if history else None,
                "best_epoch": recipe["best"]["epoch"], "best_val_map": recipe["best"]["map"],
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "neighbors_found": {s: float((nn >= 0).sum(1).mean()) for s, nn in data.neighbors.items()},

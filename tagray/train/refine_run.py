@@ -81,7 +81,7 @@ def train_refine(
     model, phi0 = (build_refine(cfg, train.x.shape[1], data.tags) for _ in range(2))
     model.load_state_dict(recipe["best"]["model"] or recipe["model"])
     phi0.load_state_dict(recipe["phi0"])
-    metrics = {"head": "refine", "train_images": len(train), "tags": data.tags, "workers": run.workers,
+    metrics = {"head": "refine", "train_images": len(train), "tags": data.tags, "workers": run.workers, "device": history[-1].get("device") if history else None,
                "best_epoch": recipe["best"]["epoch"], "best_val_map": recipe["best"]["map"],
                "phi0_val_map": history[0].get("val_map") if history else None,
                "final_loss": history[-1]["loss"] if history else None, "history": history,

@@ -123,7 +123,7 @@ def train_head(
         "head": cfg.head,
         "train_images": n_train,
         "tags": len(vocab),
-        "workers": run.workers,
+        "workers": run.workers, "device": history[-1].get("device") if history else None,
         "steps": int(model.steps),
         "final_loss": history[-1]["loss"] if history else None,
         "mean_pi": float(model.pi().mean()),
