@@ -1,7 +1,18 @@
 """`tagray featurize` on a local Ray: local files and an S3 endpoint over HTTP, with
-injected bad objects, odd image modes, resume, determinism and backbone checks."""
+injected bad objects, odd image modes, resume, determinism and backbone checks; the
+workers write the shards (the driver sees only bookkeeping), and a run whose whole Ray
+cluster is SIGKILLed mid-way resumes without duplicates."""
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +55,14 @@ def _corpus(root: str, images: int, seed: int, endpoint: str | None = None) -> p
     return pa.concat_tables([manifest, pa.Table.from_pylist(rows, manifest.schema)])
 
 
+def _temporaries(out: str, endpoint: str | None = None) -> list[str]:
+    import pyarrow.fs as pafs
+
+    fs, path = storage.filesystem_for(out, endpoint)
+    return [e.base_name for e in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+            if e.base_name.startswith(store.TMP_PREFIX)]
+
+
 def _features(out: str, endpoint: str | None = None) -> dict[str, np.ndarray]:
     table, _ = store.read_features(out, endpoint)
     return dict(zip(table.column("image_id").to_pylist(), np.stack(table.column("feature").to_numpy(zero_copy_only=False)), strict=True))
@@ -64,7 +83,21 @@ def _check_first_run(summary, manifest, out, endpoint=None):
     for e in errors:
         _, stage, reason = bad[e["image_id"][2:]]
         assert e["stage"] == stage and e["reason"].startswith(reason), e
-    assert len(summary["shards"]) == -(-n_good // CFG.shard_rows)  # shards of shard_rows rows
+    # one shard per block of shard_rows images (failed ones count but are not written), the last smaller
+    assert len(summary["shards"]) == -(-manifest.num_rows // CFG.shard_rows)
+    rows = [pq.read_metadata(storage.filesystem_for(s, endpoint)[1], filesystem=storage.filesystem_for(s, endpoint)[0]).num_rows
+            for s in summary["shards"]]
+    assert sum(rows) == n_good and max(rows) <= CFG.shard_rows
+    # Each shard is named by its content and carries the identity in its Parquet schema metadata.
+    for uri in summary["shards"]:
+        fs, path = storage.filesystem_for(uri, endpoint)
+        meta = pq.read_schema(path, filesystem=fs).metadata
+        assert json.loads(meta[schema.BACKBONE_METADATA_KEY]) == json.loads(json.dumps(summary["backbone"]))
+        ids = pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
+        assert uri.rsplit("/", 1)[1] == store.shard_name(ids)
+    # The driver received bookkeeping, not features: far less than one feature per image.
+    assert 0 < summary["driver_record_bytes"] < n_good * 512 * 4 / 50
+    assert _temporaries(out, endpoint) == []
 
 
 def test_local_featurize_errors_resume_determinism(ray_local, tmp_path):
@@ -159,7 +192,135 @@ def test_s3_featurize_errors_resume(ray_local, s3_bucket, tmp_path):
     featurize(str(tmp_path / "lm.parquet"), str(tmp_path / "lf"), CFG)
     for k, v in _features(str(tmp_path / "lf")).items():
         np.testing.assert_allclose(v, before[k], rtol=1e-4, atol=1e-5)
+    # A half-written shard a killed run left on S3 (its temporary name) is never read, and is removed.
+    stale = storage.join(out, f"{store.TMP_PREFIX}0123456789ab-part-00000000000000000000.parquet")
+    storage.write_bytes(stale, b"PAR1 half a shard", endpoint)
+    assert len(_features(out, endpoint)) == len(before)
     # Resume: nothing new but the failures.
     again = featurize(m_uri, out, CFG, endpoint_url=endpoint)
     assert again["featurized"] == 0 and again["already_done"] == first["featurized"]
+    assert again["temporaries_removed"] == 1 and _temporaries(out, endpoint) == []
     assert len(_features(out, endpoint)) == len(before)
+
+
+def _block(ids: list[str], reasons: list[str], dim: int = 4) -> dict[str, np.ndarray]:
+    """A block as the backbone actors hand it to the write stage."""
+    n = len(ids)
+    return {
+        "image_id": np.array(ids, dtype=object), "uri": np.array([f"/img/{i}.jpg" for i in ids], dtype=object),
+        "stage": np.array(["decode" if r else "" for r in reasons], dtype=object),
+        "reason": np.array(reasons, dtype=object),
+        "feature": np.arange(n * dim, dtype=np.float32).reshape(n, dim),
+    }
+
+
+def test_write_block_is_idempotent_and_returns_bookkeeping(tmp_path):
+    """The write stage alone (what each Ray write task runs): a block written twice (a retried
+    task) is one shard, not two copies of its rows; what it returns holds no feature."""
+    identity = {"name": "toy", "dim": 4}
+    out = str(tmp_path / "f")
+    block = _block(["b", "a", "c"], ["", "corrupt image: truncated", ""])
+    first = store.write_feature_block(block, out, 4, identity)
+    again = store.write_feature_block(block, out, 4, identity)
+    assert first.schema == store.RECORDS_SCHEMA and "feature" not in first.column_names
+    assert first.equals(again)
+    assert first.to_pylist() == [
+        {"shard": store.shard_name(["b", "c"]), "rows": 2, "image_id": None, "uri": None, "stage": None, "reason": None},
+        {"shard": None, "rows": 0, "image_id": "a", "uri": "/img/a.jpg", "stage": "decode",
+         "reason": "corrupt image: truncated"},
+    ]
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [store.shard_name(["b", "c"])]
+    table, found = store.read_features(out)
+    assert table.column("image_id").to_pylist() == ["b", "c"] and found == identity
+    np.testing.assert_array_equal(np.stack(table.column("feature").to_numpy(zero_copy_only=False)),
+                                  block["feature"][[0, 2]])
+    assert store.shard_name(["c", "b"]) == store.shard_name(["b", "c"]) != store.shard_name(["b", "c", "d"])
+    # A block of failures only writes nothing.
+    only_errors = store.write_feature_block(_block(["d"], ["missing object"]), out, 4, identity)
+    assert only_errors.column("shard").to_pylist() == [None] and len(list((tmp_path / "f").iterdir())) == 1
+
+
+def test_driver_iterates_bookkeeping_only(ray_local, tmp_path):
+    """The dataset the driver iterates has the bookkeeping schema and no feature column; the
+    shards it names were written by the workers."""
+    from tagray.features.pipeline import _resources, prepare_backbone, records_dataset
+
+    manifest = schema.read_manifest(
+        synthesize(SynthConfig(images=12, seed=4, render_batch=12), str(tmp_path / "c"))["manifest"]
+    ).select(["image_id", "uri"])
+    manifest = pa.concat_tables([manifest, pa.table({"image_id": ["gone"], "uri": [str(tmp_path / "gone.jpg")]})])
+    out = str(tmp_path / "f")
+    ds = records_dataset(manifest, out, CFG, prepare_backbone(CFG), _resources(CFG))
+    batches = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    assert batches and all(b.schema == store.RECORDS_SCHEMA for b in batches)
+    records = pa.concat_tables(batches)
+    shards = [s for s in records.column("shard").to_pylist() if s is not None]
+    assert sorted(shards) == sorted(p.name for p in Path(out).glob("part-*.parquet"))
+    assert sum(records.column("rows").to_pylist()) == 12 == store.read_features(out)[0].num_rows
+    failed = records.filter(pa.compute.is_null(records.column("shard")))
+    assert failed.column("image_id").to_pylist() == ["gone"] and failed.column("stage").to_pylist() == ["fetch"]
+
+
+_KILLED_RUN = """
+import json, sys
+from tagray.features.pipeline import FeaturizeConfig, featurize
+from tagray.runtime import init_ray
+init_ray(num_cpus=2)
+fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[3]).items()}
+featurize(sys.argv[1], sys.argv[2], FeaturizeConfig(**fields))
+"""
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Live (not zombie) processes of session `sid`: the driver, its Ray cluster, the workers."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s, stat in (line.split() for line in out.splitlines()) if int(s) == sid and "Z" not in stat]
+
+
+def test_killed_run_resumes_without_duplicates(ray_local, tmp_path):
+    """A run in its own process with its own Ray cluster, all of it SIGKILLed once shards have
+    appeared (a crashed machine: no clean-up runs): what it left is readable, and the re-run
+    featurises exactly the rest, once each, and removes the half-written temporaries."""
+    images = 240
+    m = synthesize(SynthConfig(images=images, seed=6, render_batch=images), str(tmp_path / "c"))["manifest"]
+    out = tmp_path / "f"
+    cfg = {**to_jsonable(CFG), "shard_rows": 8}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, m, str(out), json.dumps(cfg)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while len(list(out.glob("part-*.parquet"))) < 2:  # polled with a deadline, not a fixed sleep
+            assert proc.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no shards within 600 s"
+            time.sleep(0.2)
+    finally:
+        for pid in _session_processes(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _session_processes(proc.pid):  # every worker gone: nothing can write any more
+            assert time.monotonic() < deadline, "the killed run's processes did not exit"
+            time.sleep(0.2)
+    assert not (out / "summary.json").exists()
+    left, _ = store.read_features(str(out))
+    done = left.column("image_id").to_pylist()
+    assert 0 < len(done) < images and len(set(done)) == len(done)
+
+    resumed = featurize(m, str(out), FeaturizeConfig(**{**CFG.__dict__, "shard_rows": 8}))
+    assert resumed["already_done"] == len(done) and resumed["featurized"] == images - len(done)
+    assert _temporaries(str(out)) == []
+    table, _ = store.read_features(str(out))
+    ids = table.column("image_id").to_pylist()
+    assert len(ids) == images and len(set(ids)) == images
+    # The killed run's shards are untouched.
+    kept = _features(str(out))
+    before = dict(zip(done, np.stack(left.column("feature").to_numpy(zero_copy_only=False)), strict=True))
+    assert all(np.array_equal(before[k], kept[k]) for k in done)
+
+
+def to_jsonable(cfg: FeaturizeConfig) -> dict:
+    from tagray.config import to_dict
+
+    return json.loads(json.dumps(to_dict(cfg)))

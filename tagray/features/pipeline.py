@@ -2,7 +2,9 @@
 a callable-class actor pool holding the backbone → sharded Parquet.
 
 Streaming and memory-bounded: Ray Data's backpressure keeps only a few blocks of
-pixels in flight, and the driver writes finished shards as rows arrive. Failed images
+pixels in flight. The workers write the shards (`store.write_feature_block`: one shard
+per block of `shard_rows` images, moved into place once whole, named by its image_ids);
+the driver only collects their names, row counts and failed images. Failed images
 travel through the pipeline as error rows and end in `errors.parquet`; a re-run into
 the same directory featurises only the image_ids without features yet.
 """
@@ -13,8 +15,8 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,6 +37,9 @@ from tagray.features.backbone import (
 from tagray.features.decode import fetch_and_decode
 from tagray.features.embed import Embedder
 
+if TYPE_CHECKING:
+    import ray.data
+
 log = logging.getLogger(__name__)
 
 
@@ -51,8 +56,9 @@ class FeaturizeConfig:
     gpu: bool | None = None  # run the backbone on GPUs; default: when the cluster has any
     actor_cpus: float | None = None  # CPUs reserved per actor; default 1 with GPUs, 0.75 without
     decode_cpus: float = 0.25  # CPUs reserved per fetch/decode task
+    write_cpus: float = 0.25  # CPUs reserved per shard-writing task
     torch_threads: int = 1  # intra-op threads of each CPU actor
-    shard_rows: int = 10_000  # rows per output shard (the unit a killed run can lose)
+    shard_rows: int = 10_000  # images per output shard (the unit a killed run can lose; failed images count too)
     block_rows: int = 32  # manifest rows per input block: small blocks let every decode task start at once
     max_bytes: int = 50_000_000  # larger files are errors (fetch stage)
     max_pixels: int = 89_478_485  # larger images are errors (decompression bombs; PIL's default)
@@ -81,6 +87,8 @@ class FeaturizeConfig:
         if self.image_size is not None and self.resize_size is not None and self.resize_size < self.image_size:
             raise ConfigError(f"resize_size={self.resize_size} < image_size={self.image_size}: the crop is taken from "
                               "the image resized to resize_size, so it must be at least image_size")
+        if not self.write_cpus > 0:
+            raise ConfigError(f"write_cpus must be > 0, got {self.write_cpus}")
         if self.decode_cpus <= 0 or (self.actor_cpus is not None and self.actor_cpus < 0) or self.seed < 0:
             raise ConfigError(f"decode_cpus must be > 0, actor_cpus ≥ 0 and seed ≥ 0; got decode_cpus={self.decode_cpus}, "
                               f"actor_cpus={self.actor_cpus}, seed={self.seed}")
@@ -134,19 +142,68 @@ def prepare_backbone(cfg: FeaturizeConfig, endpoint_url: str | None = None) -> P
     return PreparedBackbone(state, identity)
 
 
+def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared: PreparedBackbone,
+                    resources: tuple[bool, int, float], endpoint_url: str | None = None) -> ray.data.Dataset:
+    """The featurize pipeline (SPEC §2) as a Ray Dataset of bookkeeping records
+    (store.RECORDS_SCHEMA): manifest rows (image_id, uri) → fetch + decode tasks → the backbone
+    actors → blocks of exactly `shard_rows` images (Ray Data's strict streaming repartition;
+    the last one smaller) → write tasks that write each block's featurised rows as one shard
+    (store.write_feature_block) and pass on only its name, row count and failed images.
+    Feature vectors stay in the workers and the object store; `resources` is `_resources(cfg)`."""
+    import ray
+
+    use_gpu, actors, actor_cpus = resources
+    identity = prepared.identity
+    weights_ref = [ray.put(prepared.state)] if prepared.state is not None else []
+    blocks = [pending.slice(i, cfg.block_rows) for i in range(0, pending.num_rows, cfg.block_rows)]
+    return ray.data.from_arrow(blocks).map_batches(
+        fetch_and_decode,
+        fn_kwargs={
+            "image_size": identity["image_size"],
+            "resize_size": identity["resize_size"],
+            "max_bytes": cfg.max_bytes,
+            "max_pixels": cfg.max_pixels,
+            "endpoint_url": endpoint_url,
+            "http": {k: getattr(cfg, k) for k in (
+                "http_timeout_s", "http_total_timeout_s", "http_retries", "http_backoff_s",
+                "http_max_redirects", "allow_hosts")},
+        },
+        batch_size=cfg.decode_batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode_cpus,
+    ).map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "name": cfg.backbone,
+            "weights_ref": weights_ref,
+            "seed": cfg.seed,
+            "torch_threads": cfg.torch_threads,
+            "mean": identity["mean"],
+            "std": identity["std"],
+        },
+        batch_size=cfg.batch_size,
+        num_cpus=actor_cpus,
+        num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+    ).repartition(target_num_rows_per_block=cfg.shard_rows, strict=True).map_batches(
+        store.write_feature_block,
+        fn_kwargs={"out": out, "dim": identity["dim"], "identity": identity, "endpoint_url": endpoint_url},
+        batch_size=None,  # one block, one shard
+        batch_format="numpy",
+        num_cpus=cfg.write_cpus,
+    )
+
+
 def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: str | None = None,
               prepared: PreparedBackbone | None = None) -> dict:
     """Featurises every image of the manifest not yet in `out` (earlier failures are tried
     again); returns the run's summary, also written to `out`/summary.json. Raises
     TooManyErrors when the manifest's failed share exceeds max_error_fraction. `prepared`:
     `prepare_backbone(cfg)` when the caller already did it."""
-    import ray
-
     t_start = time.perf_counter()
     manifest = schema.read_manifest(manifest_uri, endpoint_url=endpoint_url).select(["image_id", "uri"])
     prepared = prepared or prepare_backbone(cfg, endpoint_url)
-    state, identity = prepared.state, prepared.identity
-    dim = identity["dim"]
+    identity = prepared.identity
     existing = store.features_identity(out, endpoint_url)
     if existing is not None and store.comparable(existing) != store.comparable(identity):
         raise schema.SchemaError(
@@ -164,70 +221,46 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         "processed": pending.num_rows,
     }
     old_errors = store.read_errors(out, endpoint_url)
-    writer = store.ShardWriter(out, dim, identity, cfg.shard_rows, endpoint_url)
+    storage.makedirs(out, endpoint_url)
+    summary["temporaries_removed"] = store.remove_temporaries(out, endpoint_url)  # a killed run's, never read
     errors: list[dict] = []
+    shards: dict[str, int] = {}
     if pending.num_rows:
         use_gpu, actors, actor_cpus = _resources(cfg)
-        summary["resources"] = {"gpu": use_gpu, "actors": actors, "actor_cpus": actor_cpus, "decode_cpus": cfg.decode_cpus}
+        summary["resources"] = {"gpu": use_gpu, "actors": actors, "actor_cpus": actor_cpus,
+                                "decode_cpus": cfg.decode_cpus, "write_cpus": cfg.write_cpus}
         log.info("featurize: %d images (%d already done) with %d %s actor(s) of %s",
                  pending.num_rows, summary["already_done"], actors, "GPU" if use_gpu else "CPU", cfg.backbone)
-        weights_ref = [ray.put(state)] if state is not None else []
-        blocks = [pending.slice(i, cfg.block_rows) for i in range(0, pending.num_rows, cfg.block_rows)]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            fetch_and_decode,
-            fn_kwargs={
-                "image_size": identity["image_size"],
-                "resize_size": identity["resize_size"],
-                "max_bytes": cfg.max_bytes,
-                "max_pixels": cfg.max_pixels,
-                "endpoint_url": endpoint_url,
-                "http": {k: getattr(cfg, k) for k in (
-                    "http_timeout_s", "http_total_timeout_s", "http_retries", "http_backoff_s",
-                    "http_max_redirects", "allow_hosts")},
-            },
-            batch_size=cfg.decode_batch_size,
-            batch_format="pyarrow",
-            num_cpus=cfg.decode_cpus,
-        ).map_batches(
-            Embedder,
-            fn_constructor_kwargs={
-                "name": cfg.backbone,
-                "weights_ref": weights_ref,
-                "seed": cfg.seed,
-                "torch_threads": cfg.torch_threads,
-                "mean": identity["mean"],
-                "std": identity["std"],
-            },
-            batch_size=cfg.batch_size,
-            num_cpus=actor_cpus,
-            num_gpus=1 if use_gpu else 0,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-        )
+        ds = records_dataset(pending, out, cfg, prepared, (use_gpu, actors, actor_cpus), endpoint_url)
         t0 = time.perf_counter()
         first_rows = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if not first_rows:  # start-up: actors loading the backbone, the first blocks decoding
-                first_rows = len(batch["reason"])
+        record_bytes = 0
+        # The driver sees bookkeeping only (store.RECORDS_SCHEMA): the workers wrote the shards.
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            record_bytes += batch.nbytes
+            rows = batch.column("rows").to_pylist()
+            for name, n in zip(batch.column("shard").to_pylist(), rows, strict=True):
+                if name is not None:
+                    shards[name] = n  # a name seen twice is one file written twice (a retried task)
+            failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
+            errors.extend(failed.to_pylist())
+            if not first_rows:  # start-up: actors loading the backbone, the first shard filling
+                first_rows = sum(rows) + failed.num_rows
                 summary["startup_seconds"] = time.perf_counter() - t0
-            ok = batch["reason"] == ""
-            writer.add(batch["image_id"][ok], batch["feature"][ok])
-            for i in np.nonzero(~ok)[0]:
-                errors.append({k: None if batch[k][i] is None else str(batch[k][i])
-                               for k in ("image_id", "uri", "stage", "reason")})
-        writer.close()
         summary["pipeline_seconds"] = time.perf_counter() - t0
+        summary["driver_record_bytes"] = record_bytes
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]
-        steady = summary["pipeline_seconds"] - summary["startup_seconds"]
+        steady = summary["pipeline_seconds"] - summary.get("startup_seconds", 0.0)
         if pending.num_rows > first_rows and steady > 0:
             summary["steady_images_per_second"] = (pending.num_rows - first_rows) / steady
     # Errors of images not retried this run are kept; those retried are replaced by this run's outcome.
     retried = pc.is_in(old_errors.column("image_id"), value_set=pending.column("image_id"))
     all_errors = pa.concat_tables([old_errors.filter(pc.invert(retried)), pa.Table.from_pylist(errors, store.ERRORS_SCHEMA)])
     summary["errors_file"] = store.write_errors(all_errors, out, endpoint_url)
-    summary["featurized"] = writer.rows
+    summary["featurized"] = sum(shards.values())
     summary["errors"] = len(errors)
     summary["errors_by_reason"] = dict(Counter(f"{e['stage']}: {_reason_kind(e['reason'])}" for e in errors))
-    summary["shards"] = writer.shards
+    summary["shards"] = [storage.join(out, name) for name in sorted(shards)]
     # Judged over the whole manifest, so a re-run that only retries failures is not judged on them alone.
     summary["errors_total"] = all_errors.num_rows
     summary["error_fraction"] = all_errors.num_rows / manifest.num_rows

@@ -1,8 +1,14 @@
-"""Feature shards on disk or object storage: `DIR/part-<run>-<k>.parquet` plus
-`DIR/errors.parquet`. A shard appears under its final name only once it is complete,
-so a killed run leaves nothing half-written behind and a re-run resumes from the
-shards that exist. Every shard carries the backbone identity; files of different
-backbones are never read together.
+"""Feature shards on disk or object storage: `DIR/part-*.parquet` plus
+`DIR/errors.parquet`. A shard appears under its final name only once it is complete
+(written under a `_tmp-` name readers ignore, then moved: a rename on a local disk, a
+server-side copy + delete on S3, where an object appears whole or not at all), so a
+killed run leaves nothing half-written behind and a re-run resumes from the shards that
+exist. Every shard carries the backbone identity; files of different backbones are
+never read together.
+
+`tagray featurize` writes its shards from the Ray workers (`write_feature_block`), named
+by their content (`shard_name`): a retried task rewrites the same file, never a second
+copy of its rows. `tagray features import` writes from one process (`ShardWriter`).
 
 Identities are of two kinds (`identity_kind`): "torchvision" (`tagray featurize`, no
 "kind" key: name, weights, weights_digest, preprocessing, dim) and "external"
@@ -13,8 +19,10 @@ identity is refused with a message naming `tagray features import`.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +36,11 @@ ERRORS_FILE = "errors.parquet"
 ERRORS_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string())]
 )
+TMP_PREFIX = "_tmp-"  # a shard being written; never matches SHARD_PATTERN
+# What a featurize worker sends the driver for each block it wrote: one row per shard
+# (shard = its file name, rows = its row count, the rest null) and one row per failed image
+# (shard null, rows 0, the ERRORS_SCHEMA fields). Never a feature.
+RECORDS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), *ERRORS_SCHEMA])
 
 
 def feature_files(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -161,6 +174,75 @@ def write_errors(table: pa.Table, out: str, endpoint_url: str | None = None) -> 
     return uri
 
 
+def shard_name(image_ids: Sequence[str]) -> str:
+    """The file name of the shard holding exactly these image_ids: `part-<h>.parquet` with h
+    the first 20 hex digits of SHA-256 over the sorted ids, one per line. A name made from the
+    content is what makes a retried write idempotent: the same rows land in the same file."""
+    h = hashlib.sha256()
+    for image_id in sorted(image_ids):
+        h.update(image_id.encode("utf-8") + b"\n")
+    return f"part-{h.hexdigest()[:20]}.parquet"
+
+
+def write_shard(table: pa.Table, out: str, name: str, endpoint_url: str | None = None) -> str:
+    """Writes `table` as `out`/`name`, first under a `_tmp-` name of its own and then moved into
+    place, so a reader listing `out` sees the whole shard or none of it; returns its URI. An
+    existing file of that name is replaced (the same rows again, when `name` is `shard_name`)."""
+    final = storage.join(out, name)
+    tmp = storage.join(out, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    schema.write_table(table, tmp, endpoint_url)
+    fs, tmp_path = storage.filesystem_for(tmp, endpoint_url)
+    fs.move(tmp_path, storage.filesystem_for(final, endpoint_url)[1])
+    return final
+
+
+def remove_temporaries(out: str, endpoint_url: str | None = None) -> int:
+    """Deletes the `_tmp-` files a killed run left in `out` (never read: they are not
+    `part-*.parquet`); returns how many. Only for a directory no other run is writing to."""
+    fs, path = storage.filesystem_for(out, endpoint_url)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return 0
+    stale = [e.path for e in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+             if e.type == pafs.FileType.File and e.base_name.startswith(TMP_PREFIX)]
+    for p in stale:
+        fs.delete_file(p)
+    return len(stale)
+
+
+def feature_table(image_ids: Sequence[str], features: np.ndarray, dim: int, identity: dict) -> pa.Table:
+    """(image_id, feature) rows in the features schema with `identity` in its metadata."""
+    features = np.ascontiguousarray(features, dtype=np.float32).reshape(len(image_ids), dim)
+    return pa.table(
+        {
+            "image_id": pa.array(list(image_ids), pa.string()),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(features.ravel()), dim),
+        },
+        schema=schema.with_backbone_identity(schema.features_schema(dim), identity),
+    )
+
+
+def write_feature_block(batch: dict[str, np.ndarray], out: str, dim: int, identity: dict,
+                        endpoint_url: str | None = None) -> pa.Table:
+    """Ray Data stage of `tagray featurize`, run by the workers: the images of one block
+    (`image_id`, `uri`, `stage`, `reason`, `feature`; reason "" when it was featurised) → its
+    featurised rows written as one shard (`write_shard` under `shard_name`), and the block's
+    bookkeeping in RECORDS_SCHEMA (the shard's name and rows, the failed images) returned to
+    the driver in their place."""
+    reason = np.asarray(batch["reason"], dtype=object)
+    ok = reason == ""
+    records: list[dict] = []
+    if ok.any():
+        ids = [str(i) for i in np.asarray(batch["image_id"], dtype=object)[ok]]
+        feats = np.asarray(batch["feature"])[ok]
+        name = shard_name(ids)
+        write_shard(feature_table(ids, feats, dim, identity), out, name, endpoint_url)
+        records.append({"shard": name, "rows": len(ids)})
+    for i in np.nonzero(~ok)[0]:
+        records.append({"rows": 0} | {k: None if batch[k][i] is None else str(batch[k][i])
+                                      for k in ERRORS_SCHEMA.names})
+    return pa.Table.from_pylist(records, RECORDS_SCHEMA)
+
+
 class ShardWriter:
     """Buffers (image_id, feature) rows and writes shards of `shard_rows` rows, each first
     under a temporary name and then moved into place."""
@@ -199,12 +281,7 @@ class ShardWriter:
             schema=self.schema,
         )
         name = f"part-{self.run_id}-{len(self.shards):05d}.parquet"
-        final = storage.join(self.out, name)
-        tmp = storage.join(self.out, f"_tmp-{name}")
-        schema.write_table(table, tmp, self.endpoint_url)
-        fs, tmp_path = storage.filesystem_for(tmp, self.endpoint_url)
-        fs.move(tmp_path, storage.filesystem_for(final, self.endpoint_url)[1])
-        self.shards.append(final)
+        self.shards.append(write_shard(table, self.out, name, self.endpoint_url))
         self.rows += n
 
     def abort(self) -> None:
