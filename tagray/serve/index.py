@@ -7,7 +7,13 @@ scores Σ_w f·v_w: the sum of the words' logits, i.e. images are ranked by the 
 words' odds σ(f·v_w)/(1−σ(f·v_w)) — every word has to fit (an AND), and no single word
 dominates by its vector's length alone more than it does in tagging.
 
-An index directory holds images.faiss (exact inner-product index over f), images.parquet
+The sharded index `tagray index` writes now lives in tagray/index/ (format, Ray Data build,
+ShardGroup search); this module keeps the single-directory index of earlier versions (what
+`build_*_index` / `save_*_index` still write, and what `load_any_index` reads — it also reads a
+sharded index whole, tombstones applied, for callers not yet on tagray.index), the word index of
+the embed head and UnknownWord.
+
+A single-directory index holds images.faiss (exact inner-product index over f), images.parquet
 (row → image_id, uri) and index.json (the model it was built with).
 """
 
@@ -26,6 +32,7 @@ from tagray import jsonio
 from tagray.data import schema, storage
 from tagray.data.normalize import TagNormalizer
 from tagray.heads.embed_artifact import SavedEmbedHead
+from tagray.index.model import check_index_matches, head_digest  # noqa: F401  (re-exported: serve, commands)
 
 INDEX_FILE = "images.faiss"
 IMAGES_FILE = "images.parquet"
@@ -152,20 +159,6 @@ def read_index_meta(directory: str, endpoint_url: str | None = None) -> dict:
     return json.loads(storage.read_text(storage.join(directory, META_FILE), endpoint_url))
 
 
-def check_index_matches(meta: dict, head, where: str) -> None:
-    """Refuses an index (by its index.json) built with another model than `head`."""
-    if meta.get("kind") == "predictions":
-        if isinstance(head, SavedEmbedHead) or meta.get("weights_digest") != head_digest(head):
-            raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}); "
-                                     "rebuild it with `tagray index --model …`")
-        return
-    if not isinstance(head, SavedEmbedHead):
-        raise schema.SchemaError(f"{where}: an image-embedding index needs an embed model, not {head.config.head!r}")
-    if meta.get("mlp_digest") != head.mlp_digest:
-        raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}, h digest "
-                                 f"{meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
-
-
 # --- linear heads: an index of the corpus's predictions --------------------------------------
 
 PREDICTIONS_FILE = "predictions.npy"
@@ -211,13 +204,6 @@ def build_prediction_index(head, features: pa.Table, manifest: pa.Table | None =
     return PredictionIndex(log_p, ids.to_pylist(), _uris_of(ids, manifest), meta)
 
 
-def head_digest(head) -> str:
-    """Identity of a linear head's weights and intercepts (an index belongs to one)."""
-    from tagray.heads.artifact import state_digest
-
-    return state_digest(head.model)
-
-
 def _uris_of(ids, manifest: pa.Table | None) -> list[str | None]:
     if manifest is None or "uri" not in manifest.column_names:
         return [None] * len(ids)
@@ -243,6 +229,8 @@ def load_any_index(directory: str, endpoint_url: str | None = None) -> ImageInde
     import io
 
     meta = read_index_meta(directory, endpoint_url)
+    if meta.get("format") is not None:
+        return _load_sharded_whole(directory, endpoint_url)
     if meta.get("kind") != "predictions":
         return load_image_index(directory, endpoint_url)
     log_p = np.load(io.BytesIO(storage.read_bytes(storage.join(directory, PREDICTIONS_FILE), endpoint_url)))
@@ -250,3 +238,39 @@ def load_any_index(directory: str, endpoint_url: str | None = None) -> ImageInde
     if log_p.shape[1] != images.num_rows:
         raise schema.SchemaError(f"{directory}: {PREDICTIONS_FILE} holds {log_p.shape[1]} images, {IMAGES_FILE} {images.num_rows}")
     return PredictionIndex(log_p, images.column("image_id").to_pylist(), images.column("uri").to_pylist(), meta)
+
+
+def _load_sharded_whole(directory: str, endpoint_url: str | None = None) -> ImageIndex | PredictionIndex:
+    """A sharded index (tagray/index/format.py) read into one in-memory index, tombstoned rows left
+    out, rows in global order; the vector store is copied into an exact IndexFlatIP when it is flat
+    (an IVF/PQ/HNSW store is decoded into one: approximate vectors)."""
+    import faiss
+
+    from tagray.index import format as fmt
+    from tagray.index import search as isearch
+
+    info = fmt.open_index(directory, endpoint_url)
+    dead = info.tombstones()
+    shards = [isearch._load_shard(info, s) for s in info.shards]
+    ids, uris, parts = [], [], []
+    for sh in shards:
+        keep = np.ones(len(sh), bool) if not dead else ~pc.is_in(sh.ids, value_set=pa.array(sorted(dead), pa.string())).to_numpy(
+            zero_copy_only=False)
+        rows = np.flatnonzero(keep)
+        ids += sh.ids.take(pa.array(rows)).to_pylist()
+        uris += sh.uris.take(pa.array(rows)).to_pylist()
+        if info.kind == "predictions":
+            parts.append(sh.log_p[:, rows])
+        else:
+            from tagray.index.faiss_index import reconstruct_all
+
+            parts.append(reconstruct_all(sh.vectors)[rows])
+    meta = dict(info.meta, images=len(ids))
+    if info.kind == "predictions":
+        log_p = np.concatenate(parts, axis=1) if parts else np.zeros((int(info.meta.get("tags", 0)), 0), np.float16)
+        return PredictionIndex(log_p, ids, uris, meta)
+    dim = int(info.meta.get("vector_dim") or info.meta.get("dim"))
+    index = faiss.IndexFlatIP(dim)
+    if parts:
+        index.add(np.ascontiguousarray(np.concatenate(parts), np.float32))
+    return ImageIndex(index, ids, uris, meta)

@@ -1,0 +1,71 @@
+"""What an index needs of a head: its kind, its identity (digest), and its outputs for a batch of
+features — log P(z=1|x) of a linear or refine head (seed 001 §5.3, calibrated with β when the
+head is), f = h(x) of the embed head (seed 004 §2), and the "search by example" vector of a
+linear head (the L2-normalised feature)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tagray.data import schema
+from tagray.heads.embed_artifact import SavedEmbedHead
+
+
+def head_digest(head) -> str:
+    """Identity of a linear head's weights and intercepts (an index belongs to one)."""
+    from tagray.heads.artifact import state_digest
+
+    return state_digest(head.model)
+
+
+def index_kind(head) -> str:
+    return "embeddings" if isinstance(head, SavedEmbedHead) else "predictions"
+
+
+def model_identity(head) -> dict:
+    """The index.json / shard.json keys naming the model an index was built with."""
+    if isinstance(head, SavedEmbedHead):
+        return {"kind": "embeddings", "mlp_digest": head.mlp_digest, "dim": int(head.vectors.shape[1])}
+    return {"kind": "predictions", "weights_digest": head_digest(head), "tags": int(head.model.tags),
+            "vocabulary_version": head.vocab.version}
+
+
+def check_index_matches(meta: dict, head, where: str) -> None:
+    """Refuses an index (by its index.json) built with another model than `head` (SchemaError)."""
+    if meta.get("kind") == "predictions":
+        if isinstance(head, SavedEmbedHead) or meta.get("weights_digest") != head_digest(head):
+            raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}); "
+                                     "rebuild it with `tagray index --model …`")
+        return
+    if not isinstance(head, SavedEmbedHead):
+        raise schema.SchemaError(f"{where}: an image-embedding index needs an embed model, not {head.config.head!r}")
+    if meta.get("mlp_digest") != head.mlp_digest:
+        raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}, h digest "
+                                 f"{meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
+
+
+def log_p_true(head, x: np.ndarray) -> np.ndarray:
+    """(B, T) log P(z=1|x) of a linear/refine head (float32)."""
+    with torch.inference_mode():
+        _, log_true = head.model.probabilities(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+    return log_true.numpy()
+
+
+def embed(head: SavedEmbedHead, x: np.ndarray) -> np.ndarray:
+    """(B, d) f = h(x) of the embed head (float32)."""
+    with torch.inference_mode():
+        return head.mlp(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    """x / ‖x‖ row by row (zero rows stay zero): cosine similarity as an inner product."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.where(norms > 0, norms, 1), np.float32)
+
+
+def example_vector(head, x: np.ndarray) -> np.ndarray:
+    """The vector `similar()` searches with for an image of features x (B, D): f = h(x) for the
+    embed head, the normalised feature for a linear head."""
+    return embed(head, x) if isinstance(head, SavedEmbedHead) else normalised(x)
