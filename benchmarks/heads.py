@@ -32,7 +32,6 @@ from tagray.data.normalize import NormalizerConfig, TagNormalizer
 from tagray.data.schema import read_manifest, write_manifest
 from tagray.data.split import SplitConfig, assign_splits
 from tagray.data.synth import SynthConfig, synthesize
-from tagray.eval.metrics import mean_average_precision
 from tagray.features.store import read_features
 from tagray.heads.fit import (
     HeadConfig,
@@ -44,6 +43,7 @@ from tagray.heads.fit import (
 from tagray.heads.linear import em_step
 from tagray.heads.recipes.linear import build_linear
 from tagray.heads.targets import build_targets, dense, prepare_vocabulary
+from tagray.metrics import mean_average_precision
 from tagray.train.run import train_head
 from tagray.train.run_config import TrainRunConfig
 

@@ -85,8 +85,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Builds dataclass `cls` from `data`, checking names and types; names `source` in errors."""
+def coerce_fields(cls: type, data: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """`data`'s values as fields of dataclass `cls` take them (YAML lists → tuples, ints → floats,
+    nested dataclasses built), checking names and types but not building `cls`; names `source`
+    in errors."""
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -95,7 +97,24 @@ def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
             f"expected some of: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(value, hints[name], f"{source}: {name}") for name, value in data.items()}
+    return {name: _coerce(value, hints[name], f"{source}: {name}") for name, value in data.items()}
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """Each field's default as dataclass `cls` declares it (`default`, or `default_factory()`),
+    without building `cls` (whose checks may refuse its own defaults, e.g. an empty sweep)."""
+    out = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Builds dataclass `cls` from `data`, checking names and types; names `source` in errors."""
+    kwargs = coerce_fields(cls, data, source)
     try:
         cfg = cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -25,13 +25,23 @@ FORBIDDEN = {
 
 
 def _imports() -> dict[str, set[str]]:
+    """module → the tagray modules it imports (`from pkg import submodule` counts as the
+    submodule; imports under `if TYPE_CHECKING:` are annotations, not dependencies)."""
+    modules = {".".join(("tagray", *p.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in ROOT.rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for path in ROOT.rglob("*.py"):
-        module = ".".join(("tagray", *path.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+    for module, path in modules.items():
+        deps: set[str] = set()
+        tree = ast.parse(path.read_text())
+        skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tagray"):
-                deps.add(node.module)
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                deps |= subs or {node.module}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("tagray")}
         graph[module] = deps

@@ -106,7 +106,7 @@ def test_lr_map_matches_scikit_learn(corpus):
         [LogisticRegression(max_iter=500).fit(x.numpy(), y[:, j].numpy()).decision_function(xt.numpy()) for j in range(len(cols))],
         axis=1,
     )
-    from tagray.eval.metrics import mean_average_precision
+    from tagray.metrics import mean_average_precision
 
     map_ours = mean_average_precision(s_ours, yt)["map_label"]
     map_sk = mean_average_precision(s_sk, yt)["map_label"]

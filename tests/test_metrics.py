@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from tagray.eval.metrics import (
+from tagray.metrics import (
     annotation_at_k,
     average_precision,
     mean_average_precision,
@@ -62,13 +62,42 @@ def test_retrieval_queries_need_a_relevant_image():
 
 def test_retrieval_normalised_precision_by_hand():
     truth = np.array([[1, 1]] + [[1, 0]] * 6 + [[0, 1]] * 2)
-    # query (0): 7 relevant; perfect ranking → 5/5. query (0,1): 1 relevant, ranked 3rd → 1/1.
-    log_p = np.log(np.full(truth.shape, 0.1))
-    log_p[:, 0] = np.log(np.linspace(0.9, 0.5, 9))
-    log_p[0, 0] = np.log(0.6)
-    log_p[0, 1] = np.log(0.9)
+    log_p = np.zeros(truth.shape)
+    # tag 0: images 1…5 (relevant) lead, image 0 (relevant) and 7, 8 (not) further down
+    log_p[:, 0] = np.log([0.6, 0.85, 0.8, 0.75, 0.7, 0.65, 0.62, 0.55, 0.5])
+    # tag 1 (relevant: 0, 7, 8): ranked 0 (0.9), 1, 8 (0.27), 2, 3, 4, 5, 6, 7 → top 5 = {0, 1, 8, 2, 3}
+    log_p[:, 1] = np.log([0.9, 0.28, 0.26, 0.24, 0.22, 0.20, 0.18, 0.16, 0.27])
     m = retrieval_precision_at_k(log_p, truth, max_terms=2, k=5)
     assert m["queries_1"] == 2 and m["queries_2"] == 1
+    # query (0): 7 relevant, top 5 = images 1…5, all relevant → 5/5; query (1): 2 hits of
+    # min(5, 3) → 2/3; query (0, 1): image 0 only, ranked first (0.6 · 0.9) → 1/1
+    assert m["p@5_1"] == pytest.approx((1 + 2 / 3) / 2)
     assert m["p@5_2"] == pytest.approx(1.0)
-    # Tag 1's three relevant images: image 0 first (0.9), the others at 0.1 tie with the rest.
-    assert 0 <= m["p@5_1"] <= 1
+
+
+def _retrieval_reference(log_p: np.ndarray, truth: np.ndarray, max_terms: int, k: int) -> dict[str, float]:
+    """Seed 001 §5.3 written out query by query (itertools, a full sort per query)."""
+    from itertools import combinations
+
+    out = {}
+    for n in range(1, max_terms + 1):
+        scores = []
+        for q in combinations(range(truth.shape[1]), n):
+            relevant = truth[:, q].all(1)
+            if not relevant.any():
+                continue
+            top = np.argsort(-log_p[:, q].sum(1), kind="stable")[:k]
+            scores.append(relevant[top].sum() / min(k, relevant.sum()))
+        out[f"p@{k}_{n}"] = float(np.mean(scores))
+        out[f"queries_{n}"] = len(scores)
+    return out
+
+
+def test_retrieval_matches_a_query_by_query_reference():
+    g = np.random.default_rng(4)
+    truth = (g.random((120, 7)) < 0.3).astype(int)
+    log_p = np.log(g.random(truth.shape) * 0.5 + 0.4 * truth)  # informative, no ties
+    m = retrieval_precision_at_k(log_p, truth, max_terms=3, k=5)
+    ref = _retrieval_reference(log_p, truth, 3, 5)
+    assert {key: m[key] for key in ref} == pytest.approx(ref)
+    assert 0.3 < ref["p@5_3"] < 1.0  # a ranking neither trivial nor perfect

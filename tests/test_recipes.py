@@ -8,6 +8,7 @@ global batch is refused, and model, batches and optimiser state sit on the sessi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -60,16 +61,32 @@ def _recipe(head: str, data: dict, **cfg) -> Recipe:
         return build_recipe("embed", c, {"dim": D, "word_dim": 8, "counts": counts, "table": table,
                                          "train_images": N, "train": {"x": data["x"], "tag_ids": data["tag_ids"]}})
     if head == "neighbors":
-        c = NeighborsConfig(epochs=3, batch_size=40, hidden=16, lr=3e-3, max_rank=4, **cfg)
+        c = NeighborsConfig(epochs=3, batch_size=40, hidden=16, lr=3e-3, max_rank=4, min_steps=0, patience=None, **cfg)
         return build_recipe("neighbors", c, {"tags": T, "val": data["val"], "train": {
             "x": data["x"], "target_ids": data["tag_ids"], "neighbors": data["neighbors"]}})
-    c = RefineConfig(epochs=3, batch_size=40, m=4, max_rank=8, hidden=16, init_epochs=2, init_batch_size=40, **cfg)
+    c = RefineConfig(epochs=3, batch_size=40, m=4, max_rank=8, hidden=16, init_epochs=2, init_batch_size=40,
+                     min_init_steps=0, **cfg)
     xi = np.eye(T, dtype=np.float32)
     return build_recipe("refine", c, {"tags": T, "val": data["val"],
                                       "train": {"x": data["x"], "tag_ids": data["tag_ids"], "xi": xi}})
 
 
 HEADS = ["lr", "rlr", "embed", "neighbors", "refine"]
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAfter(LocalSession):
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def report(self, metrics: dict, state: dict | None, epoch_end: bool = True) -> None:
+        super().report(metrics, state, epoch_end)
+        if epoch_end and metrics["epoch"] == self.epoch:
+            raise _Killed
 
 
 def _weights(recipe: Recipe) -> dict[str, torch.Tensor]:
@@ -85,10 +102,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(head):
     assert [h["epoch"] for h in history] == list(range(whole.first_epoch, 4))
     assert all(math.isfinite(h["loss"]) for h in history)
 
-    first = _recipe(head, data)
-    first.epochs = 2
-    session = LocalSession()
-    run_recipe(first, session)
+    session = _KilledAfter(2)  # the process dies right after epoch 2's checkpoint
+    with pytest.raises(_Killed):
+        run_recipe(_recipe(head, data), session)
     saved = session.last_state
     assert saved["next_epoch"] == 3
     resumed = _recipe(head, data)
@@ -126,7 +142,8 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_reports_no_nan_state(
 def test_early_stopping_after_patience_epochs_without_a_better_validation_metric():
     data = _data()
     recipe = _recipe("neighbors", data)
-    recipe.epochs, recipe.patience = 30, 2
+    recipe.cfg = dataclasses.replace(recipe.cfg, epochs=30)
+    recipe.patience = 2
     values = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.1, 0.1])
     recipe.end_epoch = lambda epoch, s: {"val_map": next(values)}
     history = run_recipe(recipe, LocalSession())
@@ -194,3 +211,16 @@ def test_tagray_train_refuses_an_unknown_head_and_an_uneven_batch_before_reading
     missing = str(tmp_path / "missing")
     assert cli.main(["train", "--manifest", missing, "--features", missing, "--out", missing, *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_epochs_scale_with_the_steps_a_small_corpus_gives():
+    from tagray.heads.recipe import scaled_epochs
+
+    assert scaled_epochs(10, 2400, 50, 1, 4000, 200) == 84  # 48 steps an epoch: ⌈4000 / 48⌉
+    assert scaled_epochs(10, 160_000, 50, 1, 4000, 200) == 10  # the paper's scale: its own epochs
+    assert scaled_epochs(10, 100, 50, 1, 4000, 200) == 200  # capped at max_epochs
+    assert scaled_epochs(10, 2400, 50, 2, 4000, 200) == 84  # the global batch, not per worker
+    recipe = _recipe("neighbors", _data(), )
+    recipe.cfg = dataclasses.replace(recipe.cfg, min_steps=60, patience=None)
+    history = run_recipe(recipe, LocalSession())
+    assert len(history) == 10  # 6 steps an epoch: 60 steps need 10 epochs, not 3

@@ -16,8 +16,9 @@ QUICK = {
     "lr": ["epochs=2", "batch_size=200"],
     "rlr": ["epochs=2", "batch_size=200"],
     "embed": ["epochs=2", "batch_size=200", "word_dim=16", "oov_steps=0"],
-    "neighbors": ["epochs=2", "batch_size=50", "hidden=32", "lr=0.003", "tau=200"],
-    "refine": ["epochs=2", "batch_size=64", "m=4", "max_rank=16", "hidden=32", "init_epochs=2", "init_batch_size=200"],
+    "neighbors": ["epochs=2", "batch_size=50", "hidden=32", "lr=0.003", "tau=200", "min_steps=0"],
+    "refine": ["epochs=2", "batch_size=64", "m=4", "max_rank=16", "hidden=32", "init_epochs=2", "init_batch_size=200",
+               "min_init_steps=0"],
 }
 
 
@@ -73,7 +74,7 @@ def test_a_diverging_ray_train_run_stops_naming_epoch_and_step_and_writes_no_mod
 
 def test_a_tune_trial_is_the_same_computation_as_tagray_train(corpus, tmp_path):
     """The sweep's best settings retrained with `tagray train` reach the trial's validation mAP (1e-6)."""
-    settings = {"epochs": 2, "batch_size": 50, "hidden": 32, "lr": 0.003, "tau": 200, "metadata": "tags"}
+    settings = {"epochs": 2, "batch_size": 50, "hidden": 32, "lr": 0.003, "tau": 200, "metadata": "tags", "min_steps": 0}
     sweep = tmp_path / "sweep.yaml"
     fixed = ", ".join(f"{k}: {v}" for k, v in settings.items())
     sweep.write_text(f"head: neighbors\nfixed: {{{fixed}}}\nsearch_space:\n  m: {{grid: [2]}}\n"

@@ -17,6 +17,7 @@ import contextlib
 import json
 import threading
 import time
+from typing import Any, TypeVar
 
 from tagray import jsonio
 from tagray.commands.calibrate import calibrate
@@ -50,17 +51,51 @@ from tagray.serve.index import (
     save_prediction_index,
 )
 from tagray.train.embed_run import train_embed
-from tagray.train.run import TrainRunConfig, train_head
+from tagray.train.run import train_head
+from tagray.train.run_config import TrainRunConfig
+
+C = TypeVar("C")
+
+
+# What the demo changes from each stage's defaults — the dataclasses hold every other setting —
+# and why. tests/test_config.py checks that each key is a field of its dataclass and differs from
+# its default (a repeated default fails), and that no config is built here from a literal.
+DEMO_SETTINGS: dict[type, dict[str, Any]] = {
+    SynthConfig: {
+        "images": 1500,  # a corpus that renders, featurizes and trains in minutes on a laptop
+    },
+    FeaturizeConfig: {
+        "backbone": "resnet18",  # the smallest torchvision ResNet: CPU featurizing in seconds
+        "weights": "random",  # no pretrained weights ship with tagray (the demo asks for random ones explicitly)
+    },
+    HeadConfig: {
+        "epochs": 30,  # the demo corpus has few steps per epoch: more passes than the paper's corpora need
+        "weight_decay": 1e-4,  # random-weight features of 1,500 images: L2 keeps W from fitting their noise
+    },
+    EmbedConfig: {
+        "hidden": (256,),  # a quarter of the default h: 50-d synthetic word vectors and a tiny vocabulary
+    },
+}
+DEMO_WORD_DIM = 50  # synthetic word vectors written for the embed head (not a config field)
+
+
+def demo_config(cls: type[C], **computed: Any) -> C:
+    """`cls`'s defaults, the demo's DEMO_SETTINGS for it, then values computed from the arguments."""
+    return cls(**{**DEMO_SETTINGS.get(cls, {}), **computed})
 
 
 def build_parser() -> argparse.ArgumentParser:
+    synth, features, head = DEMO_SETTINGS[SynthConfig], DEMO_SETTINGS[FeaturizeConfig], DEMO_SETTINGS[HeadConfig]
     p = argparse.ArgumentParser(prog="tagray demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--images", type=int, default=1500, help="images to generate (default 1500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone", default="resnet18", help="torchvision backbone for featurize (default resnet18)")
-    p.add_argument("--weights", default="random", help="backbone weights: path or s3:// URI, or 'random' (the default here)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of the RLR head (default 30)")
+    p.add_argument("--images", type=int, default=synth["images"], help=f"images to generate (default {synth['images']})")
+    p.add_argument("--seed", type=int, default=SynthConfig.seed, help=f"seed of every stage (default {SynthConfig.seed})")
+    p.add_argument("--backbone", default=features["backbone"],
+                   help=f"torchvision backbone for featurize (default {features['backbone']})")
+    p.add_argument("--weights", default=features["weights"],
+                   help=f"backbone weights: path or s3:// URI, or 'random' (the default here: {features['weights']})")
+    p.add_argument("--epochs", type=int, default=head["epochs"],
+                   help=f"training epochs of the RLR and embed heads (default {head['epochs']})")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of the Serve app at the end (default 8000)")
     p.add_argument("--keep-serving", action="store_true", help="keep the Serve app up after the demo (Ctrl-C stops)")
     p.add_argument("--ray-address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local one)")
@@ -99,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = _stage("synth: rendering a tagged-photo corpus on Ray")
     # Small demos get smaller users so that every split still holds a few whole users.
     per_user = min(SynthConfig.images_per_user, max(2.0, args.images / 40))
-    synth = synthesize(SynthConfig(images=args.images, seed=args.seed, images_per_user=per_user), corpus_dir)
+    synth = synthesize(demo_config(SynthConfig, images=args.images, seed=args.seed, images_per_user=per_user), corpus_dir)
     print(f"manifest → {synth['manifest']}\nimages   → {synth['images']}\ntruth    → {synth['truth']}")
     summary["stages"]["synth"] = {**synth, "seconds": time.perf_counter() - t0}
 
     t0 = _stage("split: train/val/test by user")
-    manifest = assign_splits(read_manifest(synth["manifest"]), SplitConfig(seed=args.seed))
+    manifest = assign_splits(read_manifest(synth["manifest"]), demo_config(SplitConfig, seed=args.seed))
     split_uri = storage.join(out, "manifest_split.parquet")
     write_manifest(manifest, split_uri)
     sizes = split_sizes(manifest)
@@ -128,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = _stage(f"featurize: {args.backbone} features on Ray Data (weights: {args.weights})")
     features_dir = storage.join(out, "features")
-    feats = featurize(split_uri, features_dir, FeaturizeConfig(backbone=args.backbone, weights=args.weights))
+    feats = featurize(split_uri, features_dir, demo_config(FeaturizeConfig, backbone=args.backbone,
+                                                                     weights=args.weights))
     print(featurize_line(feats))
     print(f"features → {features_dir}\nerrors   → {feats['errors_file']}")
     summary["stages"]["featurize"] = {
@@ -141,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = _stage("train: robust LR head on Ray Train (seed 001 §4)")
     batch = max(16, min(100, args.images // 10))  # several steps per epoch even on tiny corpora
-    head_cfg = HeadConfig(head="rlr", epochs=args.epochs, batch_size=batch, lr=0.01, weight_decay=1e-4)
+    head_cfg = demo_config(HeadConfig, epochs=args.epochs, batch_size=batch)  # HeadConfig's default head: rlr
     model_dir = storage.join(out, "model_rlr")
-    trained = train_head(split_uri, features_dir, model_dir, head_cfg, TrainRunConfig(), normalizer)
+    trained = train_head(split_uri, features_dir, model_dir, head_cfg, demo_config(TrainRunConfig), normalizer)
     print(f"{trained['train_images']} images × {trained['tags']} tags, {trained['steps']} steps, "
           f"final loss {trained['final_loss']:.3f}, mean π {trained['mean_pi']:.3f}\nmodel → {model_dir}")
     summary["stages"]["train"] = {"model": model_dir, "steps": trained["steps"], "mean_pi": trained["mean_pi"],
@@ -151,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = _stage("calibrate: per-tag intercepts on the labelled val images (seed 001 §4.4)")
     inputs = load_inputs(model_dir, split_uri, features_dir)
-    info = calibrate(inputs, "val", None, l2=CalibrateConfig().l2, seed=args.seed)
+    calibration = demo_config(CalibrateConfig)
+    info = calibrate(inputs, "val", None, l2=calibration.l2, seed=args.seed)
     inputs.head.metrics = {**inputs.head.metrics, "calibration": info, "calibrated_from": model_dir}
     calibrated_dir = storage.join(out, "model_rlr_calibrated")
     save_head(inputs.head, calibrated_dir)
@@ -168,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "annotation": report.get("annotation"), "seconds": time.perf_counter() - t0}
 
     t0 = _stage("embed: word-embedding head, word vectors in the embedding shard server (seed 004)")
-    vectors_uri = write_synthetic_word_vectors(synth["truth"], storage.join(corpus_dir, "word_vectors.txt"), dim=50,
-                                               seed=args.seed)
-    embed_cfg = EmbedConfig(hidden=(256,), epochs=args.epochs, batch_size=batch, vectors=vectors_uri)
+    vectors_uri = write_synthetic_word_vectors(synth["truth"], storage.join(corpus_dir, "word_vectors.txt"),
+                                               dim=DEMO_WORD_DIM, seed=args.seed)
+    embed_cfg = demo_config(EmbedConfig, epochs=args.epochs, batch_size=batch, vectors=vectors_uri)
     embed_dir = storage.join(out, "model_embed")
-    embedded = train_embed(split_uri, features_dir, embed_dir, embed_cfg, TrainRunConfig(shards=2), normalizer)
+    embedded = train_embed(split_uri, features_dir, embed_dir, embed_cfg, demo_config(TrainRunConfig), normalizer)
     print(f"{embedded['train_images']} images, {embedded['words']} words ({embedded['pretrained_words']} pretrained, "
           f"{embedded['oov_snapping']['words']} never tagged and snapped), {embedded['steps']} steps, "
           f"final loss {embedded['final_loss']:.3f}\nmodel → {embed_dir}")

@@ -1,36 +1,36 @@
-"""Seed 003 Table 2 for a neighbourhood model: mAP per label and per image, per-label and
-per-image precision / recall at n = 3, micro and macro AUC, on one split, beside the
-baselines of the paper (visual-only logistic, kNN voting, image neighbourhoods + voting).
+"""Evaluation of a metadata-neighbourhood model (seed 003) in the one report shape
+(`tagray.eval.shape`): seed 001's three tasks, mAP_L / mAP_I / AUC and the baselines of every
+report, plus the paper's own baselines (visual-only logistic, image neighbourhoods + voting) and,
+under `extras.seed003`, Table 2's columns at n = 3 (per-label and per-image precision / recall).
 
-Truth is the split's ground-truth labels over the label tags where the split has labelled
-images, else its user tags (the weak setting). Keys:
-    model.{map_label, map_image, precision_label@3, recall_label@3, precision_image@3,
-           recall_image@3, micro_auc, macro_auc}
-    baselines.<visual_only|knn_voting|neighborhood_voting>.<same keys>
+The model scores an image with its metadata neighbours, which come from the same split (seed 003
+§3.1): `evaluate_neighbors_model` takes them from the split arrays' neighbours
+(`heads.split_arrays.metadata_neighbors`); `evaluate_saved_neighbors` recomputes them for a saved
+model on a manifest (`tagray evaluate`). No Ray here.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import torch
 
-from tagray.eval.metrics import (
+from tagray.eval.report import EPS, EvalConfig, array_baselines, split_truth, tagger_scores
+from tagray.eval.shape import Scores, Truth, build_report
+from tagray.heads.neighborhood import NeighborhoodNet, NeighborsConfig, neighborhood_scores
+from tagray.heads.split_arrays import SplitArrays, SplitsData
+from tagray.heads.targets import multi_hot
+from tagray.metrics import (
     annotation_at_k,
-    fmt,
     mean_average_precision,
     roc_auc,
     tag_prediction_at_k,
     with_nulls,
 )
-from tagray.heads.split_arrays import SplitArrays, truth_of
-from tagray.heads.targets import multi_hot
-
-K = 3  # labels per image (seed 003 §4.2)
 
 
-def table2_metrics(scores: np.ndarray, truth: np.ndarray, k: int = K) -> dict[str, float]:
-    """The columns of seed 003 Table 2 for (images × labels) scores."""
+def table2_metrics(scores: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float]:
+    """The columns of seed 003 Table 2 for (images × labels) scores: mAP_L, mAP_I, per-label and
+    per-image precision / recall at k (labels per image, §4.2), micro and macro AUC."""
     out = dict(mean_average_precision(scores, truth))
     per_label = annotation_at_k(scores, truth, k)
     per_image = tag_prediction_at_k(scores, truth, k)
@@ -40,28 +40,19 @@ def table2_metrics(scores: np.ndarray, truth: np.ndarray, k: int = K) -> dict[st
     return with_nulls(out)
 
 
-def visual_only_scores(train: SplitArrays, target: str, tags: int, x: np.ndarray, epochs: int = 30) -> np.ndarray:
-    """Baseline "CNN + logistic (visual-only)": one-vs-all logistic regression on φ(x)."""
-    from tagray.heads.fit import HeadConfig, fit
+def visual_only_model(train: SplitArrays, target: str, tags: int, cfg: EvalConfig):
+    """Baseline "CNN + logistic (visual-only)" (seed 003 Table 2): one-vs-all logistic regression
+    on φ(x) alone, trained on the train split's `target` ids with EvalConfig's settings."""
+    from tagray.heads.fit import HeadConfig
+    from tagray.heads.recipes.linear import fit
 
     y = multi_hot(train.targets(target), tags)
-    model = fit(torch.from_numpy(train.x), y, HeadConfig(head="lr", epochs=epochs, lr=0.01, batch_size=256))
-    with torch.inference_mode():
-        return model(torch.from_numpy(x)).numpy()
+    head = HeadConfig(head="lr", epochs=cfg.visual_only_epochs, lr=cfg.visual_only_lr,
+                      batch_size=min(cfg.visual_only_batch_size, len(train)), seed=cfg.seed)
+    return fit(torch.from_numpy(train.x), y, head)
 
 
-def knn_voting_scores(train: SplitArrays, target: str, tags: int, x: np.ndarray, k: int = 50) -> np.ndarray:
-    """Baseline "CNN + kNN voting": share of the k nearest training images (features) with each label."""
-    from tagray.eval.report import knn_votes
-
-    ids = train.targets(target)
-    valid = ids >= 0
-    offsets = np.r_[0, np.cumsum(valid.sum(1))].astype(np.int32)
-    lists = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[valid]))
-    return knn_votes(torch.from_numpy(train.x), lists, torch.from_numpy(x), tags, k)
-
-
-def neighborhood_voting_scores(visual: np.ndarray, neighbors: np.ndarray, weight: float = 0.5) -> np.ndarray:
+def neighborhood_voting_scores(visual: np.ndarray, neighbors: np.ndarray, weight: float) -> np.ndarray:
     """Baseline "image neighbourhoods + CNN voting": weight · v(x) + (1 − weight) · mean of v over
     x's metadata neighbours (its own score where it has none); v = visual-only scores."""
     valid = neighbors >= 0
@@ -71,29 +62,76 @@ def neighborhood_voting_scores(visual: np.ndarray, neighbors: np.ndarray, weight
     return weight * visual + (1 - weight) * mean
 
 
-def neighbors_report(
-    model_scores: np.ndarray, part: SplitArrays, neighbors: np.ndarray, train: SplitArrays | None, target: str,
-    tags: int, with_baselines: bool = True,
+def logit_scores(logits: np.ndarray, truth: Truth) -> Scores:
+    """Scores of a model whose outputs are logits: ranks by the logit, log σ for retrieval."""
+    log_p = torch.nn.functional.logsigmoid(torch.from_numpy(np.asarray(logits, np.float32)))
+    return Scores(np.asarray(logits, np.float32), log_p.numpy()[truth.rows][:, truth.cols])
+
+
+def neighbors_scores_report(
+    logits: np.ndarray, parts: dict[str, SplitArrays], split: str, neighbors: np.ndarray, target: str, tags: int,
+    cfg: EvalConfig, with_baselines: bool = True,
 ) -> dict:
-    """The report (module docstring) for a model's (N, tags) scores on `part`."""
-    rows, cols, truth, kind = truth_of(part, tags)
-    report = {"split": part.split, "images": len(part), "evaluated_images": int(len(rows)), "truth": kind,
-              "labels": int(len(cols)), "model": table2_metrics(model_scores[rows][:, cols], truth)}
-    if with_baselines and train is not None:
-        visual = visual_only_scores(train, target, tags, part.x)
-        knn = knn_voting_scores(train, target, tags, part.x)
-        voting = neighborhood_voting_scores(visual, neighbors)
-        report["baselines"] = {name: table2_metrics(s[rows][:, cols], truth)
-                               for name, s in (("visual_only", visual), ("knn_voting", knn), ("neighborhood_voting", voting))}
+    """The report of a neighbourhood model's (N, tags) test-time scores s(x) (eq. 1, logits) on
+    `split` of `parts`, with `neighbors` that split's metadata neighbours (rows into it)."""
+    part = parts[split]
+    truth = split_truth(parts, split, tags)
+    rows, cols = truth.rows, truth.cols
+    table2 = {"k": cfg.table2_k, "target": target,
+              "model": table2_metrics(np.asarray(logits)[rows][:, cols], truth.labels, cfg.table2_k)}
+    baselines: dict[str, Scores] = {}
+    if with_baselines:
+        baselines = array_baselines(parts, split, truth, tags, cfg, target)
+        visual_model = visual_only_model(parts["train"], target, tags, cfg)
+        visual = tagger_scores(visual_model, part.x, truth, cfg.batch_size)
+        baselines["visual_only"] = visual
+        voted = neighborhood_voting_scores(visual.tag, neighbors, cfg.neighborhood_voting_weight)
+        baselines["neighborhood_voting"] = Scores(voted, np.log(voted[rows][:, cols] + EPS))
+        table2["baselines"] = {
+            name: table2_metrics(baselines[key].tag[rows][:, cols], truth.labels, cfg.table2_k)
+            for name, key in (("visual_only", "visual_only"), ("knn_voting", "knn"),
+                              ("neighborhood_voting", "neighborhood_voting"))}
+    return build_report("neighbors", split, truth, logit_scores(logits, truth), baselines, cfg,
+                        int(part.labelled.sum()), {"seed003": table2})
+
+
+def evaluate_neighbors_model(
+    model: NeighborhoodNet, data: SplitsData, cfg: NeighborsConfig, split: str = "test", with_baselines: bool = True,
+    neighbors: dict[str, np.ndarray] | None = None, eval_cfg: EvalConfig | None = None,
+) -> dict:
+    """The report of a neighbourhood model on `split` of `data` (a SplitsData with the train
+    split): scores are the mean over `cfg.test_samples` sampled neighbourhoods (seed 003 §3.2).
+    `neighbors`: {split: (N, M) metadata neighbours}; default `data.neighbors` (NeighborsData)."""
+    neighbors = neighbors if neighbors is not None else getattr(data, "neighbors", None)
+    if neighbors is None or split not in neighbors:
+        raise ValueError(f"no metadata neighbours for the {split} split: pass neighbors= (heads.split_arrays."
+                         "metadata_neighbors)")
+    if split not in data.parts or "train" not in data.parts:
+        raise ValueError(f"the data has splits {sorted(data.parts)}; evaluation needs train and {split}")
+    part = data.parts[split]
+    logits = neighborhood_scores(model, torch.from_numpy(part.x), neighbors[split], cfg.m, cfg.test_samples, cfg.seed)
+    return neighbors_scores_report(logits.numpy(), data.parts, split, neighbors[split], cfg.target, data.tags,
+                                   eval_cfg or EvalConfig(), with_baselines)
+
+
+def evaluate_saved_neighbors(
+    model_dir: str, manifest_uri: str, features_uri: str, split: str = "test", with_baselines: bool = True,
+    endpoint_url: str | None = None, eval_cfg: EvalConfig | None = None,
+) -> dict:
+    """`tagray evaluate` of a saved neighbourhood model: its normaliser and vocabulary, the
+    metadata neighbours recomputed within each split of this manifest (seed 003 §3.1), the report."""
+    from tagray.data.normalize import TagNormalizer
+    from tagray.features import store
+    from tagray.heads.models import load_model
+    from tagray.heads.split_arrays import metadata_lists, metadata_neighbors
+
+    head = load_model(model_dir, endpoint_url)
+    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
+    data = SplitsData(manifest_uri, features_uri, normalizer, endpoint_url, splits=tuple(dict.fromkeys(("train", split))),
+                      vocab=head.vocab)
+    store.require_same(data.identity, head.backbone, features_uri, model_dir)
+    lists = metadata_lists(data.manifest, head.config.metadata, normalizer)
+    neighbors = metadata_neighbors(lists, data.manifest.column("split"), list(data.parts.values()), head.config)
+    report = evaluate_neighbors_model(head.model, data, head.config, split, with_baselines, neighbors, eval_cfg)
+    report["model_dir"] = model_dir
     return report
-
-
-def summary_lines(report: dict) -> list[str]:
-    def line(name: str, m: dict) -> str:
-        return (f"{name:<22} mAP_L {fmt(m['map_label'])}  mAP_I {fmt(m['map_image'])}  "
-                f"P_L@3 {fmt(m['precision_label@3'])}  R_L@3 {fmt(m['recall_label@3'])}  AUC {fmt(m['macro_auc'])}")
-
-    lines = [f"{report['split']} split, {report['evaluated_images']} images, truth: {report['truth']}",
-             line("neighbourhood model", report["model"])]
-    lines += [line(f"  {name}", m) for name, m in report.get("baselines", {}).items()]
-    return lines

@@ -1,13 +1,16 @@
-"""Seed 002 Tables 2–5 for a refinement network: miAP (per image), mAP (per tag), micro and
-macro AUC for
+"""Evaluation of a refinement network (seed 002) in the one report shape (`tagray.eval.shape`):
+seed 001's three tasks on new images (annotation, `split`, default test) with the baselines of
+every report and ϕ0 (`phi0`, the multi-label logistic model it starts from), plus, under
+`extras.seed002`, the paper's Tables 2–5: miAP (per image), mAP (per tag), micro and macro AUC for
 
 - refinement: scores of the training images themselves (the refined user tags), against
-  UserTags (the user tags as they are), TagCooccur, TagVote and ϕ0 (Multi-CNN);
-- annotation: scores of new (test) images, against RandomGuess, kNN and ϕ0.
+  UserTags (the user tags as they are), TagCooccur, TagVote, RandomGuess and ϕ0 (Multi-CNN);
+- annotation: scores of new images, against RandomGuess, kNN and ϕ0.
 
-Truth is the ground-truth labels over the label tags where a split has labelled images,
-else the user tags (then refinement of the user tags against themselves is meaningless and
-only annotation is informative). Keys: <refinement|annotation>.<method>.<map_image|map_label|micro_auc|macro_auc>.
+Truth is the ground-truth labels over the label tags where a split has labelled images, else
+the user tags (then refinement of the user tags against themselves is meaningless and only
+annotation is informative). Keys: extras.seed002.<refinement|annotation>.{split, images, truth,
+methods.<method>.<map_image|map_label|micro_auc|macro_auc>}. No Ray here.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tagray.eval.metrics import fmt, mean_average_precision, roc_auc, with_nulls
-from tagray.heads.split_arrays import SplitArrays, truth_of
+from tagray.eval.report import EvalConfig, array_baselines, split_truth, tagger_scores
+from tagray.eval.shape import build_report
+from tagray.heads.refine import RefineNet, refine_scores
+from tagray.heads.split_arrays import SplitArrays, SplitsData
 from tagray.heads.targets import multi_hot
+from tagray.metrics import mean_average_precision, roc_auc, with_nulls
 
 
 def ranking_metrics(scores: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Seed 002's columns: mAP per label and per image, micro and macro ROC-AUC."""
     return with_nulls({**mean_average_precision(scores, truth), **roc_auc(scores, truth)})
 
 
@@ -49,7 +56,7 @@ def visual_neighbors(base: np.ndarray, query: np.ndarray, k: int, exclude_self: 
     return nn
 
 
-def tag_vote_scores(x: np.ndarray, g: np.ndarray, k: int = 50) -> np.ndarray:
+def tag_vote_scores(x: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
     """TagVote (Li, Snoek & Worring 2009): votes of the k visual neighbours (image features, the
     image itself excluded) for each tag, minus the votes expected by chance, k · f(t) / N."""
     nn = visual_neighbors(x, x, k, exclude_self=True)
@@ -59,50 +66,74 @@ def tag_vote_scores(x: np.ndarray, g: np.ndarray, k: int = 50) -> np.ndarray:
     return votes - nn.shape[1] * g.mean(0, keepdims=True)
 
 
-def knn_scores(train_x: np.ndarray, train_g: np.ndarray, x: np.ndarray, k: int = 50) -> np.ndarray:
-    """kNN (Makadia et al. 2010): each tag's share among the k nearest training images."""
-    nn = visual_neighbors(train_x, x, k, exclude_self=False)
-    out = np.zeros((len(x), train_g.shape[1]), np.float32)
-    for lo in range(0, len(x), 4096):
-        out[lo : lo + 4096] = train_g[nn[lo : lo + 4096]].mean(1)
-    return out
-
-
-def refine_report(
-    scores: dict[str, dict[str, np.ndarray]], train: SplitArrays, test: SplitArrays, tags: int, seed: int = 0,
-    with_baselines: bool = True,
+def seed002_tables(
+    scores: dict[str, dict[str, np.ndarray]], parts: dict[str, SplitArrays], split: str, tags: int, cfg: EvalConfig,
+    knn: np.ndarray | None, with_baselines: bool = True,
 ) -> dict:
-    """`scores[method][split]` are (N, tags) scores of each model ("model", "multi_cnn") on the
-    train and test splits; baselines are computed here."""
+    """Seed 002 Tables 2–5. `scores[method][split]` are (N, tags) scores of each model ("model",
+    "multi_cnn" = ϕ0) on the train split and on `split`; `knn`: the kNN votes on `split`."""
     from tagray.data.tag_similarity import cooccurrence
 
+    train = parts["train"]
     g_train = multi_hot(train.tag_ids, tags).numpy()
-    report: dict = {"tags": tags}
-    for task, part in (("refinement", train), ("annotation", test)):
-        rows, cols, truth, kind = truth_of(part, tags)
-        methods = {name: s[part.split] for name, s in scores.items()}
+    out: dict = {}
+    for task, name in (("refinement", "train"), ("annotation", split)):
+        truth = split_truth(parts, name, tags)
+        methods = {method: s[name] for method, s in scores.items()}
         if with_baselines:
-            rng = np.random.default_rng(seed)
-            methods["random_guess"] = rng.random((len(part), tags)).astype(np.float32)
+            rng = np.random.default_rng(cfg.seed)
+            methods["random_guess"] = rng.random((len(parts[name]), tags)).astype(np.float32)
             if task == "refinement":
                 counts, co = cooccurrence(train.tag_ids, tags)
                 methods["user_tags"] = g_train
                 methods["tag_cooccur"] = tag_cooccur_scores(g_train, counts, co)
-                methods["tag_vote"] = tag_vote_scores(train.x, g_train)
-            else:
-                methods["knn"] = knn_scores(train.x, g_train, test.x)
-        report[task] = {"split": part.split, "images": int(len(rows)), "truth": kind,
-                        **{name: ranking_metrics(s[rows][:, cols], truth) for name, s in methods.items()}}
+                methods["tag_vote"] = tag_vote_scores(train.x, g_train, cfg.tag_vote_k)
+            elif knn is not None:
+                methods["knn"] = knn
+        out[task] = {"split": name, "images": int(len(truth.rows)), "truth": truth.kind,
+                     "methods": {m: ranking_metrics(s[truth.rows][:, truth.cols], truth.labels)
+                                 for m, s in methods.items()}}
+    return out
+
+
+def evaluate_refine_model(
+    model: RefineNet, phi0: RefineNet | None, data: SplitsData, with_baselines: bool = True, split: str = "test",
+    eval_cfg: EvalConfig | None = None,
+) -> dict:
+    """The report of a refinement network on `split` of `data` (annotation of new images), with ϕ0
+    (None when not at hand, e.g. a saved model) as the `phi0` baseline, and seed 002's tables."""
+    cfg = eval_cfg or EvalConfig()
+    if split not in data.parts or "train" not in data.parts:
+        raise ValueError(f"the data has splits {sorted(data.parts)}; evaluation needs train and {split}")
+    models = {"model": model, **({"multi_cnn": phi0} if phi0 is not None else {})}
+    names = ("train", split)
+    scores = {name: {s: refine_scores(m, torch.from_numpy(data.parts[s].x)).numpy() for s in names}
+              for name, m in models.items()}
+    truth = split_truth(data.parts, split, data.tags)
+    baselines = array_baselines(data.parts, split, truth, data.tags, cfg) if with_baselines else {}
+    if phi0 is not None and with_baselines:
+        baselines["phi0"] = tagger_scores(phi0.eval(), data.parts[split].x, truth, cfg.batch_size)
+    knn = baselines["knn"].tag if "knn" in baselines else None
+    extras = {"seed002": seed002_tables(scores, data.parts, split, data.tags, cfg, knn, with_baselines)}
+    mine = tagger_scores(model.eval(), data.parts[split].x, truth, cfg.batch_size)  # as `evaluate_head` scores it
+    return build_report("refine", split, truth, mine, baselines, cfg, int(data.parts[split].labelled.sum()), extras)
+
+
+def evaluate_saved_refine(
+    model_dir: str, manifest_uri: str, features_uri: str, split: str = "test", with_baselines: bool = True,
+    endpoint_url: str | None = None, eval_cfg: EvalConfig | None = None,
+) -> dict:
+    """`tagray evaluate` of a saved refinement network: its normaliser and vocabulary, the train
+    split and `split` of this manifest as arrays, the report (no ϕ0: a saved model has only ϕ)."""
+    from tagray.data.normalize import TagNormalizer
+    from tagray.features import store
+    from tagray.heads.models import load_model
+
+    head = load_model(model_dir, endpoint_url)
+    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
+    data = SplitsData(manifest_uri, features_uri, normalizer, endpoint_url, splits=tuple(dict.fromkeys(("train", split))),
+                      vocab=head.vocab)
+    store.require_same(data.identity, head.backbone, features_uri, model_dir)
+    report = evaluate_refine_model(head.model, None, data, with_baselines, split, eval_cfg)
+    report["model_dir"] = model_dir
     return report
-
-
-def summary_lines(report: dict) -> list[str]:
-    lines = []
-    for task in ("refinement", "annotation"):
-        r = report[task]
-        lines.append(f"{task} ({r['split']} split, {r['images']} images, truth: {r['truth']})")
-        for name, m in r.items():
-            if isinstance(m, dict):
-                lines.append(f"  {name:<13} miAP {fmt(m['map_image'])}  mAP {fmt(m['map_label'])}  "
-                             f"AUC micro {fmt(m['micro_auc'])}  macro {fmt(m['macro_auc'])}")
-    return lines

@@ -50,9 +50,12 @@ class NeighborsConfig:
     hidden: int = 500  # h (paper: 500)
     dropout: float = 0.5  # on v_x and v_z (paper: 0.5)
     l2: float = 3e-3  # L2 on W_x, W_z, W_y (paper: 3e-3)
-    lr: float = 1e-4  # RMSProp (paper: 1e-4, fixed)
+    lr: float = 1e-3  # RMSProp (paper: 1e-4 over ~30k steps; at 1e-4 a few thousand steps leave the model near its start: BENCHMARKS, defaults)
     batch_size: int = 50  # over all workers (paper: 50)
-    epochs: int = 10  # (paper: 10, keeping the best epoch on validation)
+    epochs: int = 10  # at least (paper: 10, keeping the best epoch on validation); more when they are under min_steps steps
+    min_steps: int = 4000  # epochs = max(epochs, ⌈min_steps / steps per epoch⌉): the paper's 10 epochs were ~30k steps; 10 epochs of 3,000 images are 480
+    max_epochs: int = 200  # the most epochs min_steps may ask for (early stopping ends most runs before)
+    patience: int | None = 5  # early stopping: stop after this many epochs without a better validation mAP (None: run them all)
     test_samples: int = 10  # neighbourhoods averaged at test time (paper: 10)
     seed: int = 0
     checkpoint_every: int = 500  # Ray Train: steps between checkpoints (and every epoch)
@@ -75,6 +78,9 @@ class NeighborsConfig:
             raise ConfigError("lsh_bands, lsh_rows and lsh_window must be ≥ 1")
         if self.max_posting is not None and self.max_posting < 1:
             raise ConfigError(f"max_posting must be ≥ 1 (or null for exact search), got {self.max_posting}")
+        if self.min_steps < 0 or self.max_epochs < 1 or (self.patience is not None and self.patience < 1):
+            raise ConfigError(f"need min_steps ≥ 0, max_epochs ≥ 1 and patience ≥ 1 (or null), got {self.min_steps}, "
+                              f"{self.max_epochs}, {self.patience}")
         if min(self.tau, self.hidden, self.batch_size, self.epochs, self.test_samples, self.checkpoint_every) < 1:
             raise ConfigError("tau, hidden, batch_size, epochs, test_samples and checkpoint_every must be ≥ 1")
         if not (0 <= self.dropout < 1 and self.l2 >= 0 and self.lr > 0):  # NaN fails too

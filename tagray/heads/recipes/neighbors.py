@@ -15,7 +15,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from tagray.eval.metrics import mean_average_precision
 from tagray.heads.neighborhood import (
     NeighborhoodNet,
     NeighborsConfig,
@@ -25,14 +24,30 @@ from tagray.heads.neighborhood import (
     neighbors_step,
     sample_neighborhoods,
 )
-from tagray.heads.recipe import BestEpoch, Recipe, Session, epoch_indices, global_batch
+from tagray.heads.recipe import (
+    BestEpoch,
+    Recipe,
+    Session,
+    epoch_indices,
+    global_batch,
+    scaled_epochs,
+)
 from tagray.heads.targets import multi_hot
+from tagray.metrics import mean_average_precision
 
 
-def build_neighbors(cfg: NeighborsConfig, dim: int, tags: int) -> NeighborhoodNet:
-    """The network of eq. 4–6 with cfg's hidden size and dropout, seeded by cfg.seed."""
+def build_neighbors(cfg: NeighborsConfig, dim: int, tags: int, label_rate: np.ndarray | None = None) -> NeighborhoodNet:
+    """The network of eq. 4–6 with cfg's hidden size and dropout, seeded by cfg.seed. With
+    `label_rate` (each target's rate in the training set) b_y starts at logit(rate), as the linear
+    heads' bias does: from 0 (p = 0.5 for targets of 1–5 %) RMSProp needs ~1/lr steps to reach
+    the prior before it learns anything else."""
     torch.manual_seed(cfg.seed)
-    return NeighborhoodNet(dim, tags, cfg.hidden, cfg.dropout)
+    model = NeighborhoodNet(dim, tags, cfg.hidden, cfg.dropout)
+    if label_rate is not None:
+        rate = torch.as_tensor(np.asarray(label_rate), dtype=torch.float32).clamp(1e-4, 1 - 1e-4)
+        with torch.no_grad():
+            model.out.bias.copy_(torch.logit(rate))
+    return model
 
 
 def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig, device: torch.device | None = None) -> float:
@@ -58,12 +73,17 @@ class NeighborsRecipe(Recipe):
         self.n, self.dim = len(train["x"]), int(np.asarray(train["x"]).shape[1])
         self.epochs, self.seed = cfg.epochs, cfg.seed
         self.checkpoint_every = cfg.checkpoint_every
-        self.patience = getattr(cfg, "patience", None)
+        self.patience = cfg.patience
 
     def setup(self, session: Session) -> None:
         cfg = self.cfg
         self.per_worker = global_batch(min(cfg.batch_size, self.n), session.world)
-        self.model = build_neighbors(cfg, self.dim, self.tags)
+        self.epochs = scaled_epochs(cfg.epochs, self.n, cfg.batch_size, session.world, cfg.min_steps, cfg.max_epochs)
+        if self.epochs != cfg.epochs and session.rank == 0:
+            print(f"[neighbors] {cfg.epochs} epochs are fewer than min_steps={cfg.min_steps} steps: up to {self.epochs} "
+                  f"epochs, stopping after {cfg.patience} without a better validation mAP", flush=True)
+        rate = np.asarray(_targets(self.train, np.arange(self.n), self.tags).mean(0))
+        self.model = build_neighbors(cfg, self.dim, self.tags, rate)
         self.forward = session.prepare(self.model)
         self.opt = make_optimizer(self.model, cfg)
         self.x = torch.as_tensor(self.train["x"]).to(session.device)

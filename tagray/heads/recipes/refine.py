@@ -17,8 +17,14 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from tagray.eval.metrics import mean_average_precision
-from tagray.heads.recipe import BestEpoch, Recipe, Session, epoch_indices, global_batch
+from tagray.heads.recipe import (
+    BestEpoch,
+    Recipe,
+    Session,
+    epoch_indices,
+    global_batch,
+    scaled_epochs,
+)
 from tagray.heads.refine import (
     RefineConfig,
     RefineNet,
@@ -32,6 +38,7 @@ from tagray.heads.refine import (
     visual_candidates,
 )
 from tagray.heads.targets import multi_hot
+from tagray.metrics import mean_average_precision
 
 
 def build_refine(cfg: RefineConfig, dim: int, tags: int) -> RefineNet:
@@ -63,6 +70,11 @@ class RefineRecipe(Recipe):
             raise ValueError(f"{self.n} training images: need at least batch_size={cfg.batch_size}")
         self.groups = global_batch(cfg.batch_size // cfg.m, session.world, "batch_size / m")
         self.init_per_worker = global_batch(min(cfg.init_batch_size, self.n), session.world, "init_batch_size")
+        self.init_epochs = scaled_epochs(cfg.init_epochs, self.n, cfg.init_batch_size, session.world, cfg.min_init_steps,
+                                         cfg.max_init_epochs)
+        if self.init_epochs != cfg.init_epochs and session.rank == 0:
+            print(f"[refine] ϕ0: {cfg.init_epochs} epochs are fewer than min_init_steps={cfg.min_init_steps} steps: "
+                  f"{self.init_epochs} epochs", flush=True)
         self.model = build_refine(cfg, self.dim, self.tags)
         self.forward = session.prepare(self.model)
         self.init_opt, self.opt, self.schedule = make_optimizers(self.model, cfg)
@@ -93,7 +105,7 @@ class RefineRecipe(Recipe):
                 epoch_indices(self.n, self.groups, session.world, session.rank, self.cfg.seed, epoch))
 
     def _init_batches(self, session: Session) -> Iterator[tuple[str, np.ndarray]]:
-        for e in range(self.cfg.init_epochs):
+        for e in range(self.init_epochs):
             for idx in epoch_indices(self.n, self.init_per_worker, session.world, session.rank, self.cfg.seed, 10_000 + e):
                 yield "init", idx
 
