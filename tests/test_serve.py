@@ -44,10 +44,10 @@ def test_tag_and_search_answer_what_the_services_compute(app):
     scores = [i["score"] for i in images]
     assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1  # a product of probabilities
     # the product of the two tags' P(z) from the index, for the best image
-    index = search.index
-    row = index.image_ids.index(images[0]["image_id"])
+    shard, row = next((sh, sh.local(images[0]["image_id"])) for sh in search.group.shards
+                      if sh.local(images[0]["image_id"]) is not None)
     cols = [search.head.vocab.index[t["tag"]] for t in tags[:2]]
-    assert scores[0] == pytest.approx(float(np.exp(index.log_p[cols, row].astype(np.float32).sum())), rel=1e-4)
+    assert scores[0] == pytest.approx(float(np.exp(shard.log_p[cols, row].astype(np.float32).sum())), rel=1e-4)
 
     assert requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"][: len(tagging.tags)] == tagging.tags
     model = requests.get(f"{app['url']}v1/model", timeout=30).json()
@@ -117,11 +117,21 @@ def test_bad_input_is_a_4xx_naming_the_problem_and_the_app_keeps_serving(app):
 
 @pytest.mark.integration
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(app):
+    """16 requests at once reach the model in fewer than 16 calls (the Tagger replica counts
+    the size of every @serve.batch call), and each still gets its own image's answer."""
+    from ray import serve
+
+    tagger = serve.get_deployment_handle("Tagger", app_name="tagray")
     images = [storage.read_bytes(u) for u in app["uris"][:16]]
     single = [tag_request(app, d, k=3).json()["tags"] for d in images]
+    before = tagger.batching.remote().result(timeout_s=60)
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda d: tag_request(app, d, k=3), images))
+    after = tagger.batching.remote().result(timeout_s=60)
     assert all(r.status_code == 200 for r in together)
+    calls = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * n for size, n in calls.items()) == 16, calls  # every request went through one model call
+    assert max(size for size, n in calls.items() if n) >= 2, calls  # at least one call held two or more
     for alone, r in zip(single, together, strict=True):
         assert [t["tag"] for t in r.json()["tags"]] == [t["tag"] for t in alone]
         np.testing.assert_allclose([t["p_true"] for t in r.json()["tags"]], [t["p_true"] for t in alone], rtol=1e-4)
@@ -383,6 +393,7 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     from selenium.webdriver.support.ui import WebDriverWait
 
     from tagray.data.feedback import FeedbackStore
+    from tagray.index import open_index
     from tagray.serve.auth import entry_for, new_key
     from tests.serving import actor_pid
 
@@ -391,7 +402,7 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     args = {**app["args"], "feedback": url, "api_keys": [entry_for(reader, ["read"]), entry_for(writer, ["read", "write"])]}
     tags = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"]
     images = [Path(u).stem for u in app["uris"]]
-    index_ids = set(SearchService(app["args"]["model"], app["args"]["index"], ServeConfig(model="m")).index.image_ids)
+    index_ids = set(open_index(app["args"]["index"]).image_ids().to_pylist())
     images = [i for i in images if i in index_ids][:12]
     assert len(images) >= 10
 

@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tagray serve", description=__doc__)
     p.add_argument("--model", default=None, help="model directory (lr/rlr, calibrated or not, or embed)")
     p.add_argument("--index", default=None,
-                   help="index directory from `tagray index` (enables /v1/search; without it search answers 503)")
+                   help="index directory from `tagray index` (enables /v1/search and /v1/similar; without it "
+                        "they answer 503); its shards are split over search_groups=G (an override) Searcher deployments")
     p.add_argument("--feedback", default=None,
                    help="store users' verdicts from POST /v1/feedback in sqlite:///PATH (WAL; relative to the cwd)")
     p.add_argument("--config", default=None, help="a Serve config (serve_configs/tagray.yaml): its app's args")
@@ -41,8 +42,9 @@ def check_deployable(args: dict) -> None:
     error instead of a deployment that fails inside Serve."""
     from tagray.config import from_dict
     from tagray.heads.models import load_image_tagger
+    from tagray.index import open_index
+    from tagray.index.model import check_index_matches
     from tagray.serve.app import keyring_of
-    from tagray.serve.index import check_index_matches, read_index_meta
     from tagray.serve.service import ServeConfig
 
     cfg = from_dict(ServeConfig, dict(args), "serve args")
@@ -52,7 +54,10 @@ def check_deployable(args: dict) -> None:
         raise ConfigError(str(e)) from None
     head = load_image_tagger(cfg.model, cfg.endpoint_url)
     if cfg.index:
-        check_index_matches(read_index_meta(cfg.index, cfg.endpoint_url), head, cfg.index)
+        info = open_index(cfg.index, cfg.endpoint_url)
+        check_index_matches(info.meta, head, cfg.index)
+        if not info.shards:
+            raise ConfigError(f"{cfg.index}: the index has no shards (version {info.version}); nothing to search")
     if cfg.feedback:  # the database opens (and is created) here, not first in a replica
         from tagray.data.feedback import FeedbackStore
 

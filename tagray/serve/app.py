@@ -2,7 +2,9 @@
 Searcher deployment. The work itself is in tagray/serve/service.py.
 
     POST /v1/tag        multipart `file`, or JSON {"uri": "s3://bucket/key"}; ?k=5&threshold=0
-    GET  /v1/search     ?q=beach,sunset&k=20
+    GET  /v1/search     ?q=beach,sunset&k=20&offset=0&min_score=0.1&user=…&taken_after=2024-01-01&taken_before=…
+    POST /v1/similar    multipart `file` (an example image), or JSON {"image_id": "…", "k": 20}; the same
+                        query parameters (k, offset, min_score, filters)
     GET  /v1/tags       the model's vocabulary
     GET  /v1/model      which model answers, its training metrics
     GET  /healthz       200 when the deployments answer
@@ -16,6 +18,14 @@ mistakes, 502/503/504 for a store or replica that failed (a dead replica is retr
 out with `user_config` (`serve deploy` with a changed `model`/`index`, or
 `serve.run(... user_config=...)`): `reconfigure` loads it while the old one keeps serving.
 
+Search is sharded (issue 15): the index's shards are split round robin over `search_groups`
+deployments `Searcher-0..G-1`, each told its shard names through `user_config` (new shards from
+`tagray index --append` are a reconfigure). The Ingress fans a query out to every group at once,
+each answers its best offset + k hits, and `tagray.index.merge_hits` merges them by (−score, row):
+exactly the unsharded answer. A group that fails or does not answer within `search_timeout_s` is
+left out (and skipped for `group_retry_s`) while Serve replaces it: the answer is then 200 with
+`"partial": true` and the `missing_shards`, never a 5xx (503 only when no group answered).
+
 `serve run serve_configs/tagray.yaml` or `tagray serve --model MODEL [--index INDEX]`.
 """
 
@@ -26,6 +36,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 import uuid
 from typing import Annotated, Literal
 
@@ -37,7 +48,7 @@ from ray import serve
 from tagray.config import from_dict, to_dict
 from tagray.serve import errors
 from tagray.serve.auth import HeldKey, KeyRing, parse_entries, split_env
-from tagray.serve.errors import RequestError, raise_if_error
+from tagray.serve.errors import RequestError, is_error, raise_if_error
 from tagray.serve.limits import BodyLimitMiddleware, BodyLimits, media_type
 from tagray.serve.service import (
     SearchService,
@@ -89,12 +100,37 @@ class FeedbackIn(BaseModel):
     verdicts: list[VerdictIn] = Field(min_length=1, max_length=1000)
 
 
-class SearchParams(BaseModel):
-    """Query of GET /v1/search."""
+class PageParams(BaseModel):
+    """Paging, cut-off and filters, shared by GET /v1/search and POST /v1/similar."""
 
     model_config = ConfigDict(extra="forbid")
-    q: str = Field("", max_length=1024, description="comma-separated tags (or words, for an embed model)")
     k: int = Field(20, ge=1, description="how many images (at most the server's max_k)")
+    offset: int = Field(0, ge=0, description="skip this many of the best images (paging; at most the server's "
+                                             "max_offset); an answer's next_offset is the next page's")
+    min_score: float | None = Field(None, allow_inf_nan=False, description=(
+        "smallest score returned. Linear heads: the product of the query tags' calibrated P(z=1|x), a "
+        "probability that the image shows every tag (seed 001 §5.3) — 0.5 means the same for any query. "
+        "Embed head: f·q, the sum of the words' logits. Search by example: the similarity of the index"))
+    user: str | None = Field(None, min_length=1, max_length=256, description="only this user's images")
+    taken_after: str | None = Field(None, max_length=40, description="only images taken on/after (ISO date)")
+    taken_before: str | None = Field(None, max_length=40, description="only images taken on/before (ISO date)")
+
+    def filters(self) -> dict:
+        return {"user": self.user, "taken_after": self.taken_after, "taken_before": self.taken_before}
+
+
+class SearchParams(PageParams):
+    """Query of GET /v1/search."""
+
+    q: str = Field("", max_length=1024, description="comma-separated tags (or words, for an embed model)")
+
+
+class SimilarIn(BaseModel):
+    """JSON body of POST /v1/similar: the images nearest an indexed one (the image itself left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_id: str = Field(min_length=1, max_length=512)
+    k: int | None = Field(None, ge=1, description="overrides the query's k")
 
 
 def _parse_json(model: type[BaseModel], body: bytes) -> BaseModel:
@@ -179,6 +215,7 @@ class Tagger:
     def __init__(self, config: dict) -> None:
         self.cfg = from_dict(ServeConfig, config, "serve config")
         self.service: TaggingService | None = None
+        self.batch_sizes: dict[int, int] = {}
         self.tag_batch.set_max_batch_size(self.cfg.batch_size)
         self.tag_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
 
@@ -194,7 +231,13 @@ class Tagger:
     @serve.batch
     async def tag_batch(self, requests: list[tuple]) -> list[list[dict]]:
         pixels, ks, thresholds = zip(*requests, strict=True)
+        self.batch_sizes[len(requests)] = self.batch_sizes.get(len(requests), 0) + 1
         return self.service.tag(list(pixels), list(ks), list(thresholds))
+
+    def batching(self) -> dict[int, int]:
+        """How many model calls took each batch size, since the replica started (benchmarks read
+        it through a handle: the images per call is what batching buys)."""
+        return dict(self.batch_sizes)
 
     async def tag(self, data: bytes, k: int, threshold: float) -> list[dict] | dict:
         try:
@@ -202,6 +245,14 @@ class Tagger:
         except RequestError as e:
             return e.to_dict()
         return await self.tag_batch((pixels, k, threshold))
+
+    async def embed(self, data: bytes):
+        """An upload → its vector in the index's space (POST /v1/similar), or the RequestError."""
+        try:
+            pixels = await asyncio.to_thread(self.service.decode, data)
+        except RequestError as e:
+            return e.to_dict()
+        return (await asyncio.to_thread(self.service.query_vectors, [pixels]))[0]
 
     def tags(self) -> list[str]:
         return self.service.tags
@@ -212,23 +263,54 @@ class Tagger:
 
 @serve.deployment(name="Searcher")
 class Searcher:
+    """One search group: the shards its user_config names (`{"model", "index", "shards", "version"}`),
+    answering each query's best hits over them (tagray/serve/service.py SearchService); the Ingress
+    merges the groups. A changed shard list or index version (an append) reloads in reconfigure
+    while the old shards keep answering."""
+
     def __init__(self, config: dict) -> None:
         self.cfg = from_dict(ServeConfig, config, "serve config")
         self.service: SearchService | None = None
-        self.model = self.index_dir = None
+        self.loaded: tuple | None = None
 
     def reconfigure(self, user_config: dict) -> None:
-        model = resolve((user_config or {}).get("model") or self.cfg.model, self.cfg.base_dir)
-        index = resolve((user_config or {}).get("index") or self.cfg.index or "", self.cfg.base_dir)
+        user_config = user_config or {}
+        model = resolve(user_config.get("model") or self.cfg.model, self.cfg.base_dir)
+        index = resolve(user_config.get("index") or self.cfg.index or "", self.cfg.base_dir)
         if not model or not index:
             raise ValueError("Searcher: no model or index (user_config.model, user_config.index)")
-        if self.service is None or (model, index) != (self.model, self.index_dir):
-            self.service = SearchService(model, index, self.cfg)
-            self.model, self.index_dir = model, index
+        shards = user_config.get("shards")
+        wanted = (model, index, tuple(shards) if shards is not None else None, user_config.get("version"))
+        if self.service is None or wanted != self.loaded:
+            self.service = SearchService(model, index, self.cfg, shards=shards)
+            self.loaded = wanted
+            log.info("Searcher: %d shards of %s (version %d)", len(self.service.shards), index, self.service.version)
 
-    def search(self, q: str, k: int) -> list[dict] | dict:
+    def _answer(self, hits: list) -> dict:
+        return {"hits": hits, "shards": self.service.shards, "version": self.service.version}
+
+    def search(self, q: str, n: int, min_score: float | None, filters: dict) -> dict:
         try:
-            return self.service.search(self.service.terms(q), k)
+            found = self.service.hits(self.service.terms(q), n, min_score, self._filters(filters))
+            return self._answer(found)
+        except RequestError as e:
+            return e.to_dict()
+
+    def similar(self, vector, n: int, min_score: float | None, filters: dict, exclude: str | None) -> dict:
+        try:
+            return self._answer(self.service.similar_hits(vector, n, min_score, self._filters(filters), exclude))
+        except RequestError as e:
+            return e.to_dict()
+
+    def _filters(self, filters: dict):
+        from tagray.serve.service import parse_filters
+
+        info = self.service.info
+        return parse_filters(list(info.columns), **filters, date_column=info.meta.get("date_column"))
+
+    def vector_of(self, image_id: str) -> dict:
+        try:
+            return {"vector": self.service.vector_of(image_id), "shards": self.service.shards}
         except RequestError as e:
             return e.to_dict()
 
@@ -237,6 +319,9 @@ class Searcher:
             return self.service.image_bytes(image_id)
         except RequestError as e:
             return e.to_dict()
+
+    def describe(self) -> dict:
+        return self.service.describe()
 
 
 @serve.deployment(name="Feedback")
@@ -268,14 +353,72 @@ class Feedback:
         return self.service.stats()
 
 
+async def _awaited(response):
+    return await response
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, tagger, searcher, feedback, config: dict) -> None:
-        self.tagger, self.searcher, self.feedback = tagger, searcher, feedback
+    def __init__(self, tagger, searchers: list, feedback, config: dict) -> None:
+        self.tagger, self.searchers, self.feedback = tagger, list(searchers), feedback
         self.cfg = from_dict(ServeConfig, config, "serve config")
         api.state.body_limits = BodyLimits(self.cfg.max_image_bytes, self.cfg.max_json_bytes)
         api.state.keyring = keyring_of(self.cfg)
+        self.index: dict | None = None  # {"version", "kind", "groups": [[shard names] per group]}
+        self.down_until = [0.0] * len(self.searchers)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The index's version and the shards of each search group (changed by an append)."""
+        self.index = (user_config or {}).get("index")
+
+    async def fan_out(self, method: str, *args) -> tuple[list[dict], list[str]]:
+        """`method(*args)` on every search group at once → (the groups' answers, the shards missing
+        from them). A group that failed, or has not answered within search_timeout_s, is left out
+        and skipped for group_retry_s (Serve is replacing it); a 4xx of any group is raised."""
+        if not self.searchers:
+            raise RequestError(503, "search is not available: this app was started without an index (build one "
+                                    "with `tagray index`, then start with --index INDEX)", code="no_index")
+        now = time.monotonic()
+        tasks = {g: asyncio.ensure_future(_awaited(getattr(h, method).remote(*args)))
+                 for g, h in enumerate(self.searchers) if self.down_until[g] <= now}
+        done, pending = await asyncio.wait(tasks.values(), timeout=self.cfg.search_timeout_s) if tasks else ((), ())
+        answers, failed = [], []
+        for g, task in tasks.items():
+            if task in pending:
+                task.cancel()
+                failed.append((g, "no answer in time"))
+            elif task.exception() is not None:
+                failed.append((g, type(task.exception()).__name__))
+            elif is_error(task.result()):
+                raise_if_error(task.result())
+            else:
+                answers.append(task.result())
+        for g, why in failed:
+            log.warning("search group %d left out of an answer: %s", g, why)
+            self.down_until[g] = time.monotonic() + self.cfg.group_retry_s
+        expected = {s for group in (self.index or {}).get("groups", []) for s in group}
+        answered = {s for a in answers for s in a["shards"]}
+        if not answers:
+            raise RequestError(503, "no search group answered (replicas being replaced); retry shortly",
+                               code="replica_unavailable", headers={"Retry-After": "2"})
+        return answers, sorted(expected - answered)
+
+    async def _ranked(self, method: str, params: PageParams, *args) -> dict:
+        from tagray.index import merge_hits
+
+        if params.k > self.cfg.max_k:
+            raise RequestError(422, f"k must be in [1, {self.cfg.max_k}], got {params.k}")
+        if params.offset > self.cfg.max_offset:
+            raise RequestError(422, f"offset must be in [0, {self.cfg.max_offset}], got {params.offset}")
+        answers, missing = await self.fan_out(method, *args[:1], params.offset + params.k, params.min_score,
+                                              params.filters(), *args[1:])
+        hits = merge_hits([a["hits"] for a in answers], params.k, params.offset)
+        more = len(hits) == params.k and params.offset + params.k <= self.cfg.max_offset
+        return {"images": [{"image_id": h.image_id, "uri": h.uri, "score": float(h.score)} for h in hits],
+                "k": params.k, "offset": params.offset, "next_offset": params.offset + params.k if more else None,
+                "min_score": params.min_score, "partial": bool(missing), "missing_shards": missing,
+                "index_version": max(a["version"] for a in answers)}
 
     @api.post("/v1/tag", dependencies=READ)
     async def tag(self, request: Request, params: Annotated[TagParams, Query()]) -> dict:
@@ -309,22 +452,62 @@ class Ingress:
         raise RequestError(415, f"unsupported content type {errors.shown(kind or '(none)')}: send "
                                 'multipart/form-data with a `file` field, or JSON {"uri": "s3://bucket/key"}')
 
-    def _searcher(self):
-        if self.searcher is None:
-            raise RequestError(503, "search is not available: this app was started without an index (build one "
-                                    "with `tagray index`, then start with --index INDEX)", code="no_index")
-        return self.searcher
-
     @api.get("/v1/search", dependencies=READ)
     async def search(self, params: Annotated[SearchParams, Query()]) -> dict:
-        images = await call(self._searcher().search, "Searcher", params.q, params.k)
-        return {"query": params.q, "images": images}
+        """Images showing all the query's tags, best first (see PageParams for min_score, paging, filters)."""
+        return {"query": params.q, **await self._ranked("search", params, params.q)}
+
+    @api.post("/v1/similar", dependencies=READ)
+    async def similar(self, request: Request, params: Annotated[PageParams, Query()]) -> dict:
+        """Search by example: the indexed images nearest an upload (multipart `file`, featurized by
+        the Tagger's backbone; 409 `no_backbone` for a model of external features) or an indexed
+        image (JSON {"image_id", "k"}; it is left out of its own answer)."""
+        kind = media_type(request.headers.get("content-type", ""))
+        if kind == "application/json":
+            body = _parse_json(SimilarIn, await request.body())
+            if body.k is not None:
+                params = params.model_copy(update={"k": body.k})
+            found, missing = await self.fan_out("vector_of", body.image_id)
+            vector = next((a["vector"] for a in found if a["vector"] is not None), None)
+            if vector is None:
+                if missing:
+                    raise RequestError(503, f"image {errors.shown(body.image_id)} is not in the shards that answered; "
+                                            f"shards {', '.join(missing)} are being replaced: retry shortly",
+                                       code="replica_unavailable", headers={"Retry-After": "2"})
+                raise RequestError(404, f"image {errors.shown(body.image_id)} is not in the index", code="unknown_image")
+            return {"image_id": body.image_id, **await self._ranked("similar", params, vector, body.image_id)}
+        if kind == "multipart/form-data":
+            if not self.searchers:
+                await self.fan_out("describe")  # the 503 no_index
+            data = await self._image_bytes(request)
+            vector = await call(self.tagger.embed, "Tagger", data)
+            return {"upload_sha256": hashlib.sha256(data).hexdigest(),
+                    **await self._ranked("similar", params, vector, None)}
+        raise RequestError(415, f"unsupported content type {errors.shown(kind or '(none)')}: send multipart/form-data "
+                                'with a `file` field, or JSON {"image_id": "…"}')
 
     @api.get("/v1/images/{image_id}", include_in_schema=False, dependencies=READ)
     async def image(self, image_id: str) -> Response:
         """An indexed image's bytes (thumbnails of the page); only images the index lists."""
-        data = await call(self._searcher().image, "Searcher", image_id)
+        data = await self._image_of(image_id)
         return Response(content=data, media_type="image/jpeg", headers={"X-Content-Type-Options": "nosniff"})
+
+    async def _image_of(self, image_id: str) -> bytes:
+        """The bytes from the group holding the image (the others answer 404)."""
+        if not self.searchers:
+            await self.fan_out("describe")  # the 503 no_index
+        results = await asyncio.gather(*(_awaited(h.image.remote(image_id)) for h in self.searchers),
+                                       return_exceptions=True)
+        found = [r for r in results if isinstance(r, bytes)]
+        if found:
+            return found[0]
+        other = [r for r in results if is_error(r) and r["status"] != 404]
+        if other:
+            raise_if_error(other[0])
+        if any(isinstance(r, BaseException) for r in results):
+            raise RequestError(503, "a search group is being replaced; retry shortly", code="replica_unavailable",
+                               headers={"Retry-After": "2"})
+        raise RequestError(404, f"image {errors.shown(image_id)} is not in the index (or has no uri)")
 
     def _feedback(self):
         if self.feedback is None:
@@ -353,12 +536,17 @@ class Ingress:
     @api.get("/v1/model", dependencies=READ)
     async def model(self) -> dict:
         info = await call(self.tagger.model_info, "Tagger")
-        return {**info, "search": self.searcher is not None, "feedback": self.feedback is not None}
+        index = None
+        if self.index is not None:
+            groups = self.index["groups"]
+            index = {"version": self.index["version"], "kind": self.index["kind"],
+                     "shards": sum(len(g) for g in groups), "groups": len(groups)}
+        return {**info, "search": bool(self.searchers), "feedback": self.feedback is not None, "index": index}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
         info = await call(self.tagger.model_info, "Tagger")
-        return {"status": "ok", "model": info["model"], "search": self.searcher is not None}
+        return {"status": "ok", "model": info["model"], "search": bool(self.searchers)}
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
@@ -390,16 +578,32 @@ def build_app(args: dict) -> serve.Application:
         max_ongoing_requests=max(4 * cfg.batch_size, 32),
         user_config={"model": cfg.model},
     ).bind(config)
-    searcher = None
+    searchers, index = [], None
     if cfg.index:
-        searcher = Searcher.options(num_replicas=cfg.searcher_replicas, ray_actor_options={"num_cpus": 0.25},
-                                    user_config={"model": cfg.model, "index": cfg.index}).bind(config)
+        from tagray.index import open_index
+
+        info = open_index(cfg.index, cfg.endpoint_url)
+        groups = shard_groups(list(info.shards), cfg.search_groups)
+        searchers = [Searcher.options(name=f"Searcher-{g}", num_replicas=cfg.searcher_replicas,
+                                      ray_actor_options={"num_cpus": cfg.searcher_cpus},
+                                      user_config={"model": cfg.model, "index": cfg.index, "shards": shards,
+                                                   "version": int(info.version)}).bind(config)
+                     for g, shards in enumerate(groups)]
+        index = {"version": int(info.version), "kind": info.kind, "groups": groups}
     feedback = None
     if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
         feedback = Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                     user_config={"model": cfg.model, "index": cfg.index}).bind(config)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256).bind(
-        tagger, searcher, feedback, config)
+    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
+                           user_config={"index": index}).bind(tagger, searchers, feedback, config)
+
+
+def shard_groups(shards: list[str], groups: int) -> list[list[str]]:
+    """The index's shards dealt round robin over `groups` search groups (0: one per shard): shard i
+    goes to group i mod G, so with a fixed G appended shards join the groups (a reconfigure) without
+    moving the existing ones."""
+    count = min(groups or len(shards), len(shards))
+    return [shards[g::count] for g in range(count)]
 
 
 def serve_config_fields() -> list[str]:

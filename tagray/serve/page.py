@@ -1,4 +1,6 @@
-"""The page at GET /: type tags and see the matching images; drop a photo and see its tags.
+"""The page at GET /: type tags and see the matching images (with a minimum score, user and date
+filters, paging, and "more like this" on every result); drop a photo and see its tags or the
+indexed images like it.
 
 Everything the server sends back (tags are unfiltered user input; image ids and error
 messages quote it) is put on the page as text (`textContent`, element attributes set one by
@@ -23,6 +25,8 @@ STYLE = """
  #drop.over { background: #eef; } .error { color: #b00; } table { border-collapse: collapse; margin-top: .6rem; }
  td, th { padding: .2rem .8rem; text-align: left; border-bottom: 1px solid #ddd; }
  td button { padding: .1rem .5rem; font-size: .85rem; margin-right: .3rem; } .saved { color: #070; }
+ #filters { margin-top: .5rem; font-size: .9rem; } #filters input { width: 8rem; padding: .2rem; }
+ figure button { font-size: .75rem; padding: .1rem .4rem; margin-top: .2rem; } .partial { color: #a60; }
 """
 
 SCRIPT = """
@@ -54,7 +58,10 @@ async function errorOf(r) {
 let feedback = false;
 async function loadModel() {
   const r = await api('/v1/model');
-  if (r.ok) { const m = await r.json(); feedback = !!m.feedback; $('model').textContent = `${m.head} · ${m.tags} tags`; }
+  if (!r.ok) return;
+  const m = await r.json(); feedback = !!m.feedback;
+  $('model').textContent = `${m.head} · ${m.tags} tags` +
+    (m.index ? ` · index v${m.index.version}, ${m.index.shards} shards` : '');
 }
 async function judge(upload, tag, verdict, cell) {  // a user's verdict on a suggested tag → POST /v1/feedback
   const request_id = Date.now().toString(36) + '-' + Math.random().toString(36).slice(2);
@@ -64,19 +71,49 @@ async function judge(upload, tag, verdict, cell) {  // a user's verdict on a sug
                             : el('span', { className: 'error' }, await errorOf(r)));
 }
 loadModel();
-$('search').addEventListener('submit', async (e) => {
-  e.preventDefault();
-  const q = $('q').value; $('results').replaceChildren(); $('search-status').textContent = 'searching…';
-  const r = await api('/v1/search?k=12&q=' + encodeURIComponent(q));
+let last = null;  // the last search or similar request: {path, init, offset}, for the next page
+function pageParams(offset) {  // k, offset, min_score and the filters of the form, as a query string
+  const p = new URLSearchParams({ k: '12', offset: String(offset) });
+  const fields = { min_score: 'min-score', user: 'user', taken_after: 'taken-after', taken_before: 'taken-before' };
+  for (const [name, id] of Object.entries(fields)) { const v = $(id).value.trim(); if (v) p.set(name, v); }
+  return p;
+}
+async function show(request, offset) {  // runs a search / similar request and shows one page of images
+  last = { ...request, offset };
+  $('results').replaceChildren(); $('next').hidden = true; $('search-status').textContent = 'searching…';
+  const params = pageParams(offset);
+  for (const [k, v] of Object.entries(request.params || {})) params.set(k, v);
+  const r = await api(request.path + '?' + params.toString(), request.init || {});
   if (!r.ok) { showError($('search-status'), await errorOf(r)); return; }
-  const body = await r.json(); $('search-status').textContent = `${body.images.length} images`;
+  const body = await r.json();
+  $('search-status').replaceChildren(`${request.label}: images ${offset + 1}–${offset + body.images.length}`);
+  if (body.partial) $('search-status').append(el('span', { className: 'partial' },
+    ` (partial: shards ${body.missing_shards.join(', ')} are being replaced)`));
   for (const im of body.images) {
     const img = el('img', { alt: im.image_id });  // fetched with the key, shown from a blob: URL
     api('/v1/images/' + encodeURIComponent(im.image_id)).then(r => r.ok ? r.blob() : null)
       .then(b => { if (b) img.src = URL.createObjectURL(b); });
+    const like = el('button', { className: 'similar', type: 'button' }, 'more like this');
+    like.addEventListener('click', () => show({ path: '/v1/similar', label: 'like ' + im.image_id,
+      init: { method: 'POST', headers: { 'Content-Type': 'application/json' },
+              body: JSON.stringify({ image_id: im.image_id }) } }, 0));
     $('results').append(el('figure', { className: 'result' }, img,
-      el('figcaption', {}, im.image_id, el('br'), Number(im.score).toFixed(3))));
+      el('figcaption', {}, im.image_id, el('br'), Number(im.score).toFixed(3), el('br'), like)));
   }
+  $('next').hidden = body.next_offset === null || body.next_offset === undefined;
+  last.next = body.next_offset;
+}
+$('search').addEventListener('submit', (e) => {
+  e.preventDefault();
+  const q = $('q').value;
+  show({ path: '/v1/search', params: { q }, label: q }, 0);
+});
+$('next').addEventListener('click', () => { if (last && last.next !== null) show(last, last.next); });
+let lastFile = null;
+$('like-upload').addEventListener('click', () => {
+  if (!lastFile) return;
+  const data = new FormData(); data.append('file', lastFile);
+  show({ path: '/v1/similar', init: { method: 'POST', body: data }, label: 'like ' + lastFile.name }, 0);
 });
 async function tagFile(file) {
   $('tags').replaceChildren(); $('tag-status').textContent = 'tagging…';
@@ -84,6 +121,7 @@ async function tagFile(file) {
   const r = await api('/v1/tag?k=8', { method: 'POST', body: data });
   if (!r.ok) { showError($('tag-status'), await errorOf(r)); return; }
   const body = await r.json(); $('tag-status').textContent = file.name;
+  lastFile = file; $('like-upload').hidden = false;
   $('tags').append(el('tr', {}, el('th', {}, 'tag'), el('th', {}, 'P(in image)'), el('th', {}, 'P(user tags it)'),
     ...(feedback ? [el('th', {}, 'right?')] : [])));
   for (const t of body.tags) {
@@ -125,10 +163,16 @@ PAGE = f"""<!doctype html>
  <input id="key" type="password" autocomplete="off" placeholder="tgr_…"> <button type="submit">Use key</button></form>
 <h2>Search by tags</h2>
 <form id="search"><input id="q" type="text" placeholder="beach, sunset" autocomplete="off">
- <button type="submit">Search</button></form>
-<div id="search-status"></div><div id="results"></div>
+ <button type="submit">Search</button>
+ <div id="filters"><label>min score <input id="min-score" type="number" min="0" step="any"
+   title="linear models: the probability that an image shows every tag"></label>
+ <label>user <input id="user" type="text" autocomplete="off"></label>
+ <label>taken after <input id="taken-after" type="date"></label>
+ <label>taken before <input id="taken-before" type="date"></label></div></form>
+<div id="search-status"></div><div id="results"></div><button id="next" type="button" hidden>next page</button>
 <h2>Tag a photo</h2>
 <div id="drop">Drop a photo here, or <input id="file" type="file" accept="image/*"></div>
 <div id="tag-status"></div><table id="tags"></table>
+<button id="like-upload" type="button" hidden>indexed images like this photo</button>
 <script>{SCRIPT}</script></body></html>
 """

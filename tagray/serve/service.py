@@ -22,7 +22,7 @@ from tagray.features.backbone import build_backbone, read_weights
 from tagray.features.decode import ImageError, decode
 from tagray.serve.errors import RequestError, shown
 
-__all__ = ["RequestError", "SearchService", "ServeConfig", "TaggingService", "fetch_uri", "resolve"]
+__all__ = ["RequestError", "SearchService", "ServeConfig", "TaggingService", "fetch_uri", "parse_filters", "resolve"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,18 @@ class ServeConfig:
     max_json_bytes: int = 64 * 1024  # larger JSON (or other non-multipart) bodies → 413
     max_pixels: int = 40_000_000  # decompression-bomb guard → 400
     max_query_terms: int = 5  # more search terms → 422
-    max_k: int = 100  # largest k of /v1/tag and /v1/search
+    max_k: int = 100  # largest k of /v1/tag, /v1/search and /v1/similar
+    max_offset: int = 1000  # largest offset (paging) of /v1/search and /v1/similar: each shard computes offset + k hits
     batch_size: int = 16  # @serve.batch: images per model call
     batch_wait_s: float = 0.0  # @serve.batch: wait for more requests; 0 = take what queued during the last call
     tagger_replicas: int = 1
-    searcher_replicas: int = 1
+    searcher_replicas: int = 1  # replicas of each search group
+    # Search groups: deployments Searcher-0..G-1, each owning a subset of the index's shards (round
+    # robin); the Ingress fans a query out to all and merges. 0 = one group per shard.
+    search_groups: int = 0
+    searcher_cpus: float = 0.25  # per search group replica
+    search_timeout_s: float = 5.0  # a group that has not answered by then is missing from the answer (partial)
+    group_retry_s: float = 2.0  # a group that failed is skipped (its shards reported missing) for this long
     tagger_cpus: float = 1.0
     num_gpus: float = 0.0  # per tagger replica
     torch_threads: int = 0  # per tagger replica; 0 = torch's default
@@ -63,9 +70,13 @@ class ServeConfig:
                self.tagger_replicas, self.searcher_replicas) < 1:
             raise ConfigError("max_image_bytes, max_json_bytes, max_pixels, max_query_terms, max_k, batch_size and the replica "
                               "counts must be ≥ 1")
-        numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus)
-        if not all(math.isfinite(x) and x >= 0 for x in numbers) or self.torch_threads < 0:
-            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus and torch_threads must be finite and ≥ 0")
+        numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus, self.searcher_cpus, self.group_retry_s)
+        if not all(math.isfinite(x) and x >= 0 for x in numbers) or min(self.torch_threads, self.search_groups,
+                                                                         self.max_offset) < 0:
+            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus, searcher_cpus, group_retry_s, torch_threads, "
+                              "search_groups and max_offset must be finite and ≥ 0")
+        if not (math.isfinite(self.search_timeout_s) and self.search_timeout_s > 0):
+            raise ConfigError("search_timeout_s must be finite and > 0")
         if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0) or self.rate_limit_burst < 1:
             raise ConfigError("rate_limit_per_s must be finite and ≥ 0, rate_limit_burst ≥ 1")
         from tagray.serve.auth import parse_entries
@@ -174,6 +185,17 @@ class TaggingService:
         return [{"tag": self.tags[j], "p_user": float(p_user[j]), "p_true": float(p_true[j])}
                 for j in order if p_true[j] >= threshold]
 
+    def query_vectors(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """Decoded images → vectors in the index's space, for search by example (POST /v1/similar):
+        `tagray.index.model.example_vector` of the backbone features — f = h(x) for the embedding
+        head (seed 004: what its image index holds), x / ‖x‖ for a linear head (cosine)."""
+        from tagray.index.model import example_vector
+
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(np.stack(pixels))).to(self.device).permute(0, 3, 1, 2).float()
+            features = self.backbone(x.sub_(self.mean).div_(self.std)).float().cpu().numpy()
+        return example_vector(self.head, features)
+
     def tag(self, pixels: list[np.ndarray], ks: list[int], thresholds: list[float]) -> list[list[dict]]:
         """One model call for a batch of requests (each its own k and threshold)."""
         p_user, p_true = self.probabilities(np.stack(pixels))
@@ -250,37 +272,90 @@ def fetch_uri(uri: str, cfg: ServeConfig) -> bytes:
         raise store_failure(uri, e) from None
 
 
-class SearchService:
-    """Multi-tag AND search over a model's index (tagray index): for a linear head, images
-    ranked by the product of calibrated P(z=1|x) over the query tags (seed 001 §5.3); for the
-    embedding head, by f·Σ v_w over any vocabulary words, tagged or not (seed 004)."""
+def parse_date(value: str, name: str) -> str:
+    """An ISO date (`2024-06-01`) or date-time (`2024-06-01T12:00:00`) of a query parameter,
+    returned in ISO form; anything else → 422 naming the parameter."""
+    import datetime
 
-    def __init__(self, model_dir: str, index_dir: str, cfg: ServeConfig, head=None) -> None:
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise RequestError(422, f"{name}: {shown(value)} is not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS)",
+                           code="invalid_date") from None
+    return parsed.isoformat() if ("T" in value or " " in value) else parsed.date().isoformat()
+
+
+def parse_filters(columns: list[str] | tuple[str, ...], user: str | None = None, taken_after: str | None = None,
+                  taken_before: str | None = None, equals: tuple[tuple[str, str], ...] = (),
+                  date_column: str | None = None, user_column: str = "user_id"):
+    """Query parameters → `tagray.index.Filters`, refusing (422, naming it) a filter on a column
+    the index did not keep (`columns`: the manifest columns it holds; `date_column`: the one
+    taken_after / taken_before compare with, index.json's `date_column`) and bad dates."""
+    from tagray.index import Filters
+
+    date_column = date_column or "date_taken"
+    wanted = ([user_column] if user is not None else []) + \
+        ([date_column] if (taken_after, taken_before) != (None, None) else []) + [c for c, _ in equals]
+    for column in wanted:
+        if column not in columns:
+            raise RequestError(422, f"filter on {shown(column)}: the index keeps no such column (kept: "
+                                    f"{', '.join(columns) or 'none'}; rebuild it with `tagray index --columns …`)",
+                               code="unknown_column")
+    after = parse_date(taken_after, "taken_after") if taken_after is not None else None
+    before = parse_date(taken_before, "taken_before") if taken_before is not None else None
+    if after is not None and before is not None and after > before:
+        raise RequestError(422, f"taken_after {after} is after taken_before {before}", code="invalid_date")
+    return Filters(user=user, taken_after=after, taken_before=before, equals=tuple(equals))
+
+
+def hit_dict(hit) -> dict:
+    """A `tagray.index.Hit` as an answer's image."""
+    return {"image_id": hit.image_id, "uri": hit.uri, "score": float(hit.score)}
+
+
+class SearchService:
+    """Multi-tag AND search over some shards of a model's index (tagray index): for a linear
+    head, images ranked by the product of calibrated P(z=1|x) over the query tags (seed 001
+    §5.3) — a probability, so `min_score` means the same for every query —; for the embedding
+    head, by f·Σ v_w over any vocabulary words, tagged or not (seed 004). Also search by example
+    (nearest stored vectors) and the stored image of an id.
+
+    `shards`: the shard names this one serves (a Searcher group of the Serve app); None = all of
+    them (`tagray search`). Hits of several services merge exactly with `tagray.index.merge_hits`
+    (scores are comparable across shards: the same model scored every image)."""
+
+    def __init__(self, model_dir: str, index_dir: str, cfg: ServeConfig, head=None,
+                 shards: list[str] | None = None) -> None:
         from tagray.data.normalize import TagNormalizer
         from tagray.heads.embed_artifact import SavedEmbedHead
         from tagray.heads.models import load_image_tagger
-        from tagray.serve.index import (
-            WordIndex,
-            check_index_matches,
-            load_any_index,
-            read_index_meta,
-        )
+        from tagray.index import ShardGroup, open_index
+        from tagray.serve.index import WordIndex
 
         self.cfg = cfg
         self.head = head if head is not None else load_image_tagger(model_dir, cfg.endpoint_url)
-        check_index_matches(read_index_meta(index_dir, cfg.endpoint_url), self.head, index_dir)
-        self.index = load_any_index(index_dir, cfg.endpoint_url)
-        self._rows: dict[str, int] | None = None
+        self.info = open_index(index_dir, cfg.endpoint_url)
+        self.shards = list(self.info.shards) if shards is None else list(shards)
+        self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url)  # checks the model and shards
+        # the vectors search by example needs: the embed head's f, a linear index's normalised features
+        self.has_vectors = self.info.kind == "embeddings" or bool(self.info.meta.get("vectors"))
+        self.deleted = frozenset(self.info.tombstones())
         self.normalizer = TagNormalizer.from_identity(self.head.vocab.normalizer)
         self.words = WordIndex.of(self.head) if isinstance(self.head, SavedEmbedHead) else None
         self.score = "f·Σv (sum of the words' logits)" if self.words else "product of calibrated P(z=1|x)"
 
+    @property
+    def version(self) -> int:
+        return int(self.info.version)
+
+    def describe(self) -> dict:
+        """What this service serves (for /v1/model and the Ingress's partial answers)."""
+        return {"version": self.version, "kind": self.info.kind, "shards": list(self.shards),
+                "index_shards": len(self.info.shards), "score": self.score}
+
     def image_bytes(self, image_id: str) -> bytes:
-        """The bytes of an image the index lists (by its manifest uri), at most max_image_bytes."""
-        if self._rows is None:
-            self._rows = {i: r for r, i in enumerate(self.index.image_ids)}
-        row = self._rows.get(image_id)
-        uri = self.index.uris[row] if row is not None else None
+        """The bytes of an image these shards list (by its manifest uri), at most max_image_bytes."""
+        uri = None if image_id in self.deleted else self.group.uri_of(image_id)
         if uri is None:
             raise RequestError(404, f"image {shown(image_id)} is not in the index (or has no uri)")
         uri = resolve(uri, self.cfg.base_dir)
@@ -301,29 +376,86 @@ class SearchService:
                                code="too_many_terms")
         return terms
 
-    def check_k(self, k: int) -> int:
+    def check_k(self, k: int, offset: int = 0) -> int:
         if not 1 <= k <= self.cfg.max_k:
             raise RequestError(422, f"k must be in [1, {self.cfg.max_k}], got {k}")
+        if not 0 <= offset <= self.cfg.max_offset:
+            raise RequestError(422, f"offset must be in [0, {self.cfg.max_offset}], got {offset}")
         return k
 
-    def search(self, terms: list[str], k: int) -> list[dict]:
+    def columns(self, terms: list[str]) -> list[int]:
+        """Query tags → the vocabulary's columns (normalised as the training tags were)."""
+        columns = []
+        for term in terms:
+            tag = self.normalizer.normalize_tag(term)
+            if tag is None or tag not in self.head.vocab.index:
+                said = shown(term) + (f" (normalised: {shown(tag)})" if tag and tag != term else "")
+                raise RequestError(422, f"unknown tag {said}: not in the model's vocabulary (GET /v1/tags)",
+                                   code="unknown_term")
+            columns.append(self.head.vocab.index[tag])
+        return columns
+
+    def query_vector(self, terms: list[str]) -> np.ndarray:
+        """q = Σ_w v_w of an embed model's words (tagray/serve/index.py)."""
         from tagray.serve.index import UnknownWord
 
-        self.check_k(k)
-        if self.words is not None:
-            try:
-                hits = self.index.search(self.words.query_vector(terms), k)
-            except UnknownWord as e:
-                raise RequestError(422, f"unknown word {shown(e.word)}: not among the model's words",
-                                   code="unknown_term") from None
-        else:
-            columns = []
-            for term in terms:
-                tag = self.normalizer.normalize_tag(term)
-                if tag is None or tag not in self.head.vocab.index:
-                    said = shown(term) + (f" (normalised: {shown(tag)})" if tag and tag != term else "")
-                    raise RequestError(422, f"unknown tag {said}: not in the model's vocabulary (GET /v1/tags)",
-                                       code="unknown_term")
-                columns.append(self.head.vocab.index[tag])
-            hits = self.index.search(columns, k)
-        return [{"image_id": i, "uri": u, "score": s} for i, u, s in hits]
+        try:
+            return self.words.query_vector(terms)
+        except UnknownWord as e:
+            raise RequestError(422, f"unknown word {shown(e.word)}: not among the model's words",
+                               code="unknown_term") from None
+
+    def hits(self, terms: list[str], n: int, min_score: float | None = None, filters=None) -> list:
+        """The best `n` hits of these shards for the AND of `terms` (`tagray.index.Hit`s). `min_score`:
+        for a linear head the product of the tags' calibrated P(z=1|x), in [0, 1] (0: no cut); for the
+        embed head f·q."""
+        from tagray.config import ConfigError
+        from tagray.index import Filters
+
+        filters = filters or Filters()
+        try:
+            if self.words is not None:
+                return self.group.search_vector(self.query_vector(terms), n, min_score=min_score, filters=filters,
+                                                deleted=self.deleted)
+            if min_score is not None and not 0 <= min_score <= 1:
+                raise RequestError(422, f"min_score must be in [0, 1] for this model: it is a product of calibrated "
+                                        f"probabilities P(z=1|x), got {min_score}", code="invalid_min_score")
+            return self.group.search_tags(self.columns(terms), n, min_score=min_score or None, filters=filters,
+                                          deleted=self.deleted)
+        except ConfigError as e:
+            raise RequestError(422, str(e)) from None
+
+    def _vectors(self) -> None:
+        if not self.has_vectors:
+            raise RequestError(409, "this index was built without the feature vectors search by example needs; "
+                                    "rebuild it with `tagray index` (similar vectors kept)", code="no_vectors")
+
+    def similar_hits(self, vector: np.ndarray, n: int, min_score: float | None = None, filters=None,
+                     exclude: str | None = None) -> list:
+        """The `n` stored images nearest a query vector (search by example; inner product in the
+        index's space: f·f' for the embed head, cosine of the features for a linear one), without
+        `exclude`; `min_score` cuts on that similarity."""
+        from tagray.config import ConfigError
+        from tagray.index import Filters
+
+        self._vectors()
+        try:
+            hits = self.group.similar(np.asarray(vector, np.float32), n, filters=filters or Filters(),
+                                      deleted=self.deleted, exclude=exclude)
+        except ConfigError as e:
+            raise RequestError(422, str(e)) from None
+        return [h for h in hits if min_score is None or h.score >= min_score]
+
+    def vector_of(self, image_id: str) -> np.ndarray | None:
+        """The stored vector of an image these shards hold (None: not here, or deleted)."""
+        self._vectors()
+        return None if image_id in self.deleted else self.group.vector_of(image_id)
+
+    def search(self, terms: list[str], k: int, offset: int = 0, min_score: float | None = None,
+               filters=None) -> list[dict]:
+        """The answer of these shards alone (`tagray search`; one group of the Serve app answers
+        `hits`, which the Ingress merges with the other groups' the same way)."""
+        from tagray.index import merge_hits
+
+        self.check_k(k, offset)
+        return [hit_dict(h) for h in merge_hits([self.hits(terms, offset + k, min_score, filters)], k, offset)]
