@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -56,10 +57,14 @@ def s3_endpoint(tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:  # poll until the server answers (bounded), not a fixed sleep
+    # bounded poll until the server answers, not a fixed sleep; an HTTP error status is an answer.
+    # (Importing moto takes over a minute on a loaded 2-core machine: 60 s made whole runs error.)
+    deadline = time.monotonic() + 180
+    while True:
         try:
-            _direct.open(url, timeout=1)
+            _direct.open(url, timeout=5)
+            break
+        except urllib.error.HTTPError:
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:

@@ -68,18 +68,29 @@ def test_backbone_penultimate_dims_and_seeded():
 
 
 def test_weights_file_loaded_and_checked(tmp_path):
+    import hashlib
+
     import torchvision
 
-    torch.manual_seed(0)
+    # Saved weights differ from the seed-0 init that build_backbone would otherwise use
+    # (seed 1, and a BatchNorm scale no init produces), so only loading them reproduces them.
+    torch.manual_seed(1)
+    saved = torchvision.models.resnet18()
+    with torch.no_grad():
+        saved.layer4[1].bn2.weight.mul_(3.0)
     path = tmp_path / "r18.pth"
-    torch.save({"state_dict": torchvision.models.resnet18().state_dict()}, path)
+    torch.save({"state_dict": saved.state_dict()}, path)
     state, digest = read_weights(str(path))
     loaded, _ = build_backbone("resnet18", state)
     random0, _ = build_backbone("resnet18", None, seed=0)
-    x = torch.randn(1, 3, 64, 64)
+    saved.fc = torch.nn.Identity()  # the reference: the saved network without its head
+    reference = saved.eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        assert torch.equal(loaded(x), random0(x))
-    assert len(digest) == 16
+        ours, want, rand = loaded(x), reference(x), random0(x)
+    assert torch.allclose(ours, want, atol=1e-6), (ours - want).abs().max()
+    assert not torch.allclose(ours, rand, atol=1e-3)  # the file's weights, not the seed-0 init
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     with pytest.raises(ValueError, match="weights do not fit backbone 'resnet50'"):
         build_backbone("resnet50", state)
     with pytest.raises(FileNotFoundError, match="weights file .*nope.pth not found"):

@@ -53,7 +53,7 @@ def test_rlr_recovers_tagging_likelihoods(corpus, heads):
     assert spearmanr(estimated, true_pi).statistic >= 0.7
     assert np.median(np.abs(estimated - true_pi)) <= 0.1
     # The same comparison inside the report, against P(tag | label) measured on training images.
-    assert heads["rlr"][1]["pi"]["spearman"] >= 0.7
+    assert heads["rlr"][1]["extras"]["seed001"]["pi"]["spearman"] >= 0.7
 
 
 @pytest.mark.integration

@@ -7,6 +7,8 @@ concept's group with probability 0.6 — the setting seed 003 is about (visual-o
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 
 import numpy as np
@@ -17,9 +19,10 @@ from tagray import cli
 from tagray.data.schema import read_manifest, write_manifest
 from tests.corpora import split_corpus
 
-NEIGHBORS = ["epochs=20", "lr=1e-3", "hidden=256", "target=labels", "worker_cpus=0.5"]
+NEIGHBORS = ["epochs=20", "lr=1e-3", "hidden=256", "target=labels", "worker_cpus=0.5", "min_steps=0", "patience=null"]
 # ϕ0 wide and trained long enough to fit the user tags' noise, as the paper's fine-tuned VGG-16 does
-REFINE = ["epochs=3", "init_epochs=30", "init_lr=3e-3", "lr=0.1", "hidden=2048", "max_rank=64", "worker_cpus=0.5"]
+REFINE = ["epochs=3", "init_epochs=30", "init_lr=3e-3", "lr=0.1", "hidden=2048", "max_rank=64", "worker_cpus=0.5",
+          "min_init_steps=0"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,11 @@ def test_tag_neighbourhoods_beat_visual_only_and_resume(corpus, capsys):
     argv = ["train", "--head", "neighbors", "--metadata", "tags", *_inputs(corpus), "--out", str(out), "--workers", "2"]
     assert cli.main([*argv, *NEIGHBORS]) == 0
     report, metrics = _json(out / "report.json"), _json(out / "metrics.json")
-    model, base = report["model"], report["baselines"]
-    assert report["truth"] == "labels" and report["evaluated_images"] > 500
+    model, base = report["extras"]["seed003"]["model"], report["extras"]["seed003"]["baselines"]
+    assert report["truth"] == "labels" and report["labelled_images"] > 500
+    # The one report shape: the same figure under the keys every head's report has.
+    assert report["annotation"]["map_label"] > report["baselines"]["visual_only"]["annotation"]["map_label"]
+    assert report["verdict"]["learned"] is True
     # Seed 003 Table 2's claim on this corpus: the tag-neighbourhood model beats visual-only per-label mAP.
     assert model["map_label"] > base["visual_only"]["map_label"] + 0.005
     assert model["map_label"] > base["knn_voting"]["map_label"]
@@ -62,7 +68,7 @@ def test_tag_neighbourhoods_beat_visual_only_and_resume(corpus, capsys):
     # `tagray evaluate` reloads it and recomputes the test neighbours: the same figures.
     assert cli.main(["evaluate", "--model", str(out), *_inputs(corpus), "--out", str(corpus["dir"] / "nb-eval.json")]) == 0
     again = _json(corpus["dir"] / "nb-eval.json")
-    assert again["model"]["map_label"] == pytest.approx(model["map_label"], abs=1e-6)
+    assert again["annotation"]["map_label"] == pytest.approx(report["annotation"]["map_label"], abs=1e-6)
     # Re-running with more epochs resumes after epoch 20 instead of starting over.
     capsys.readouterr()
     assert cli.main([*argv, *NEIGHBORS, "epochs=22"]) == 0
@@ -90,22 +96,24 @@ def test_refinement_beats_its_phi0_and_refines_evaluates_and_serves(refine_corpu
     assert [h["epoch"] for h in metrics["history"]] == [0, 1, 2, 3]  # epoch 0 is ϕ0
     for task, methods in (("refinement", {"model", "multi_cnn", "user_tags", "tag_cooccur", "tag_vote", "random_guess"}),
                           ("annotation", {"model", "multi_cnn", "knn", "random_guess"})):
-        assert set(report[task]) >= methods | {"split", "images", "truth"}
+        block = report["extras"]["seed002"][task]
+        assert set(block) >= {"split", "images", "truth", "methods"} and set(block["methods"]) >= methods
         for name in methods:
-            assert set(report[task][name]) == {"map_label", "map_image", "micro_auc", "macro_auc"}
-        assert report[task]["multi_cnn"]["map_label"] > report[task]["random_guess"]["map_label"] + 0.1
-    assert report["refinement"]["user_tags"]["map_label"] > report["refinement"]["random_guess"]["map_label"]
+            assert set(block["methods"][name]) == {"map_label", "map_image", "micro_auc", "macro_auc"}
+        assert block["methods"]["multi_cnn"]["map_label"] > block["methods"]["random_guess"]["map_label"] + 0.1
+    seed002 = {task: report["extras"]["seed002"][task]["methods"] for task in ("refinement", "annotation")}
+    assert seed002["refinement"]["user_tags"]["map_label"] > seed002["refinement"]["random_guess"]["map_label"]
     # Seed 002's claim: L_vis + λ1 L_sem + λ2 L_err refines the user tags better than ϕ0 (Multi-CNN)
     # on the training images (mAP per tag against the ground-truth labels), and annotates better.
-    refined, phi0 = report["refinement"]["model"]["map_label"], report["refinement"]["multi_cnn"]["map_label"]
+    refined, phi0 = seed002["refinement"]["model"]["map_label"], seed002["refinement"]["multi_cnn"]["map_label"]
     assert refined > phi0 + 0.02, (refined, phi0)
-    assert report["annotation"]["model"]["map_label"] > report["annotation"]["multi_cnn"]["map_label"]
+    assert seed002["annotation"]["model"]["map_label"] > seed002["annotation"]["multi_cnn"]["map_label"]
     assert metrics["best_epoch"] > 0
     # `tagray refine`: the training images' refined tags, best first, beside their user tags.
     refined = corpus["dir"] / "refined.parquet"
     assert cli.main(["refine", "--model", str(out), *_inputs(corpus), "--out", str(refined), "--top-k", "5"]) == 0
     table = pq.read_table(refined)
-    assert table.num_rows == report["refinement"]["images"]  # every training image (all are labelled here)
+    assert table.num_rows == report["extras"]["seed002"]["refinement"]["images"]  # every training image (all are labelled here)
     first = table.slice(0, 50).to_pylist()
     assert all(len(r["tags"]) == 5 and r["scores"] == sorted(r["scores"], reverse=True) for r in first)
     # A refine model is an image-only tagger: `tagray evaluate` runs the standard report on it.
@@ -138,7 +146,7 @@ def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus,
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
         "head: neighbors\n"
-        "fixed: {metadata: tags, epochs: 6, lr: 0.003, hidden: 128, dropout: 0.2, target: labels}\n"
+        "fixed: {metadata: tags, epochs: 6, lr: 0.003, hidden: 128, dropout: 0.2, target: labels, min_steps: 0}\n"
         "search_space:\n  m: {grid: [2, 3]}\n  max_rank: {grid: [4, 8]}\n"
         "grace_period: 2\nreduction_factor: 2\ntrial_cpus: 1\n")
     out = tmp_path / "sweep"
@@ -146,17 +154,27 @@ def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus,
     assert cli.main(argv) == 0
     summary = _json(out / "sweep.json")
     assert summary["trials"] == 4 and summary["errored_trials"] == 0 and summary["concurrent_trials"] == 2
-    rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].startswith("m,max_rank,best_val_map") and len(rows) == 5
-    assert summary["best_config"] in ({"m": m, "max_rank": r} for m in (2, 3) for r in (4, 8))
+    text = (out / "results.csv").read_text()
+    assert text.startswith("m,max_rank,best_val_map")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert sorted((int(r["m"]), int(r["max_rank"])) for r in rows) == [(2, 4), (2, 8), (3, 4), (3, 8)]
+    # The best config is the table's best row (by its best validation mAP), and the exported
+    # model is that trial's: its settings and its best validation mAP.
+    top = max(rows, key=lambda r: float(r["best_val_map"]))
+    assert sum(float(r["best_val_map"]) == float(top["best_val_map"]) for r in rows) == 1, text  # no tie to hide behind
+    assert summary["best_config"] == {"m": int(top["m"]), "max_rank": int(top["max_rank"])}, (summary, text)
+    assert summary["best_val_map"] == pytest.approx(float(top["best_val_map"]), abs=1e-9)
     assert (out / "sweep.png").stat().st_size > 0
     best = out / "best_model"
     saved = _json(best / "metrics.json")
-    assert saved["best_val_map"] == pytest.approx(summary["best_val_map"], abs=1e-9)
+    assert saved["best_val_map"] == pytest.approx(float(top["best_val_map"]), abs=1e-9)
+    saved_config = _json(best / "model.json")["config"]
+    assert (saved_config["m"], saved_config["max_rank"]) == (int(top["m"]), int(top["max_rank"]))
     assert cli.main(["evaluate", "--model", str(best), *_inputs(corpus), "--out", str(tmp_path / "best.json")]) == 0
     exported = _json(best / "report.json")  # written at export from the trial's own checkpoint
-    assert _json(tmp_path / "best.json")["model"]["map_label"] == pytest.approx(exported["model"]["map_label"], abs=1e-6)
-    assert exported["model"]["map_label"] > exported["baselines"]["knn_voting"]["map_label"]
+    assert _json(tmp_path / "best.json")["annotation"]["map_label"] == pytest.approx(exported["annotation"]["map_label"],
+                                                                                 abs=1e-6)
+    assert exported["annotation"]["map_label"] > exported["baselines"]["knn"]["annotation"]["map_label"]
     # Re-running the same command finds the finished experiment and resumes it (nothing re-trained).
     capsys.readouterr()
     assert cli.main(argv) == 0
@@ -167,7 +185,7 @@ def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus,
 @pytest.mark.integration
 def test_a_sweep_whose_every_trial_fails_names_the_error_and_keeps_the_table(corpus, tmp_path, capsys):
     sweep = tmp_path / "sweep.yaml"  # batch sizes beyond the 6,401 training images: every trial raises
-    sweep.write_text("head: refine\nfixed: {epochs: 1, init_epochs: 1, hidden: 16}\n"
+    sweep.write_text("head: refine\nfixed: {epochs: 1, init_epochs: 1, hidden: 16, min_init_steps: 0}\n"
                      "search_space:\n  batch_size: {grid: [8192, 16384]}\ntrial_cpus: 1\n")
     out = tmp_path / "sweep"
     assert cli.main(["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(out)]) == 1

@@ -30,7 +30,7 @@ def corpus(ray_local, tmp_path_factory):
 def _train(corpus, name: str, head: str, workers: int, *extra: str) -> dict:
     out = corpus["dir"] / name
     argv = ["train", "--head", head, "--manifest", corpus["manifest"], "--features", corpus["features"],
-            "--out", str(out), "--workers", str(workers), *QUICK[head], *extra]
+            "--out", str(out), "--workers", str(workers), "worker_cpus=0.5", *QUICK[head], *extra]
     assert cli.main(argv) == 0
     return json.loads((out / "metrics.json").read_text())
 

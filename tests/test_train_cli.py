@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import time
 
 import pyarrow.compute as pc
 import pytest
@@ -28,6 +30,13 @@ def _train(small, name: str, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def rlr_one(small) -> dict:
+    """The 1-worker RLR run (`rlr1`) and its report, once per module: the data-parallel test
+    compares against it and the resume test continues it (the report is taken first)."""
+    return {"metrics": _train(small, "rlr1", "--head", "rlr", "--workers", "1"), "report": _evaluate(small, "rlr1")}
+
+
 def _evaluate(small, model: str) -> dict:
     report = small["dir"] / f"{model}-report" / "report.json"
     argv = ["evaluate", "--model", str(small["dir"] / model), "--manifest", small["manifest"],
@@ -37,13 +46,13 @@ def _evaluate(small, model: str) -> dict:
 
 
 @pytest.mark.integration
-def test_two_workers_match_one_and_share_pi(small):
-    one = _train(small, "rlr1", "--head", "rlr", "--workers", "1")
+def test_two_workers_match_one_and_share_pi(small, rlr_one):
+    one = rlr_one["metrics"]
     two = _train(small, "rlr2", "--head", "rlr", "--workers", "2")
     assert two["replica_pi_max_diff"] == 0.0  # the all-reduced EM statistics keep replicas identical
     assert one["steps"] == two["steps"]  # the same global batch
     assert two["mean_pi"] == pytest.approx(one["mean_pi"], abs=0.02)
-    r1, r2 = _evaluate(small, "rlr1"), _evaluate(small, "rlr2")
+    r1, r2 = rlr_one["report"], _evaluate(small, "rlr2")
     assert r2["tag_prediction"]["f1@5"] == pytest.approx(r1["tag_prediction"]["f1@5"], abs=0.02)
     assert r2["annotation"]["map_label"] == pytest.approx(r1["annotation"]["map_label"], abs=0.03)
     # Stable report keys (README) and the model beats the random baseline.
@@ -57,9 +66,9 @@ def test_two_workers_match_one_and_share_pi(small):
 
 
 @pytest.mark.integration
-def test_model_directory_and_resume(small):
-    first = _train(small, "resume", "--head", "rlr")
-    model = small["dir"] / "resume"
+def test_model_directory_and_resume(small, rlr_one, capsys):
+    first = rlr_one["metrics"]  # `--head rlr` with COMMON, 1 worker (the default): this test's first run
+    model = small["dir"] / "rlr1"
     for name in ("weights.safetensors", "tags.parquet", "model.json", "normalizer.json", "vocabulary.json",
                  "metrics.json", "training.png"):
         assert (model / name).exists(), name
@@ -67,12 +76,15 @@ def test_model_directory_and_resume(small):
     # and only the new epochs are trained.
     argv = ["train", "--manifest", small["manifest"], "--features", small["features"], "--out", str(model),
             "--head", "rlr", *COMMON[1:], "epochs=6"]
+    capsys.readouterr()
     assert cli.main(argv) == 0
     second = json.loads((model / "metrics.json").read_text())
     per_epoch = first["steps"] // 4
+    assert f"resuming after epoch 4 at step {4 * per_epoch}" in capsys.readouterr().out
     assert second["steps"] == 6 * per_epoch
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5, 6]
-    assert [h["run_started_at_step"] for h in second["history"]] == [0] * 4 + [4 * per_epoch] * 2
+    assert [h["step"] for h in second["history"]] == [per_epoch * e for e in range(1, 7)]
+    assert second["history"][:4] == first["history"]  # epochs 1-4 carried over from the checkpoint, not re-run
 
 
 @pytest.mark.integration
@@ -90,14 +102,17 @@ def test_calibrate_writes_a_new_model_with_beta(small):
     assert pc.max(pc.abs(calibrated.column("beta"))).as_py() > 0
     assert json.loads((out / "metrics.json").read_text())["calibration"]["images"] == 300
     report = _evaluate(small, "lr-cal")
-    assert report["calibrated"] is True and "pi" not in report  # LR has no π
+    assert report["calibrated"] is True and "seed001" not in report["extras"]  # LR has no π
 
 
 @pytest.mark.integration
 def test_errors_are_clear(small, tmp_path, capsys):
     base = ["--manifest", small["manifest"], "--features", small["features"]]
+    # `tagray train` takes five heads: an unknown one is named against all of them (not the
+    # linear heads' own "one of lr, rlr", which would send the user away from embed/neighbors/refine).
     assert cli.main(["train", *base, "--out", str(tmp_path / "m"), "head=svm"]) == 2
-    assert "head must be one of lr, rlr" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown head 'svm': tagray train trains one of lr, rlr, embed, neighbors, refine" in err, err
     assert cli.main(["train", *base, "--out", str(tmp_path / "m"), "learning_rate=1"]) == 2
     assert "unknown key(s) learning_rate" in capsys.readouterr().err
     no_train = read_manifest(small["manifest"])
@@ -119,29 +134,66 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(small):
     import subprocess
     import sys
 
-    import torch
-
     out = small["dir"] / "killed"
     argv = [sys.executable, "-m", "tagray.cli", "train", "--manifest", small["manifest"], "--features",
             small["features"], "--out", str(out), "--head", "rlr", "lr=0.01", "worker_cpus=0.5",
             "checkpoint_every=5"]
-    proc = subprocess.Popen([*argv, "epochs=500"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    log = small["dir"] / "killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([*argv, "epochs=500"], stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        states = []
-        while len(states) < 2:  # wait for two checkpoints: the first is then surely complete
-            states = sorted(out.glob("_ray/train-*/checkpoint_*/state.pt"))
-            assert proc.poll() is None, "training exited before its first checkpoint"
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.5)
+        # Wait (bounded) for one complete checkpoint: Ray keeps only the newest few, so a file
+        # seen by glob may be gone when read, and one being written is not yet a zip archive.
+        saved = _wait_for_checkpoint(out, proc, log, deadline=time.monotonic() + 600)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    saved = torch.load(states[0], weights_only=True)
-    step, epoch = int(saved["model"]["steps"]), saved["epoch"]
+    step = _checkpoint_steps(saved)
     assert step >= 5 and not (out / "metrics.json").exists()
-    done = subprocess.run([*argv, f"epochs={epoch + 1}"], capture_output=True, text=True)
+    finished = _finished_epochs(saved)
+    done = subprocess.run([*argv, f"epochs={finished + 1}"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
+    resumed = re.search(r"resuming after epoch (\d+) at step (\d+)", done.stdout + done.stderr)
+    assert resumed, (done.stdout + done.stderr)[-2000:]
+    # From the checkpoint seen before the kill or a later one (a worker may still persist one
+    # while the killed driver's cluster goes down), never from step 0.
+    assert int(resumed[2]) >= step, (resumed[0], step)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["history"][-1]["epoch"] == epoch + 1
-    assert metrics["history"][-1]["run_started_at_step"] >= step
+    assert metrics["history"][-1]["epoch"] == finished + 1
+
+
+def _loadable_states(out) -> list[dict]:
+    """Every checkpoint state under the run directory that reads as a whole torch file."""
+    import io
+
+    import torch
+
+    states = []
+    for path in sorted(out.glob("_ray/train-*/checkpoint_*/state.pt")):
+        try:
+            states.append(torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True))
+        except (FileNotFoundError, RuntimeError, EOFError):  # deleted by num_to_keep, or still being written
+            continue
+    return states
+
+
+def _wait_for_checkpoint(out, proc, log, deadline: float) -> dict:
+    import subprocess
+
+    while True:
+        states = _loadable_states(out)
+        if states:
+            return max(states, key=_checkpoint_steps)
+        assert proc.poll() is None, f"training exited before its first checkpoint: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no complete checkpoint under {out} in time: {log.read_text()[-3000:]}"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.5)
+
+
+def _checkpoint_steps(state: dict) -> int:
+    """Optimiser steps in a checkpoint state (the recipe's model buffer `steps`)."""
+    return int(state.get("recipe", state)["model"]["steps"])
+
+
+def _finished_epochs(state: dict) -> int:
+    return int(state["next_epoch"]) - 1 if "next_epoch" in state else int(state["epoch"])

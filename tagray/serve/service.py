@@ -212,6 +212,7 @@ class TaggingService:
             "tags": len(self.tags),
             "calibrated": bool(np.asarray(self.head.calibrated).any()),
             "tagging": self.computes_features,
+            "device": str(self.device),  # the Tagger replica's torch device: "cpu" or "cuda"
             "backbone": {"name": self.identity.get("name"), "kind": self.identity.get("kind", "torchvision"),
                          "weights": display_name(self.identity.get("weights") or "") or None,
                          "weights_digest": self.identity.get("weights_digest"), "dim": self.identity.get("dim")},
