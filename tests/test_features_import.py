@@ -184,7 +184,8 @@ def _saved_model(tmp_path: Path, corpus: dict, features: Path) -> Path:
     return out
 
 
-def test_a_model_trained_on_an_import_refuses_features_of_another(tmp_path, capsys):
+@pytest.mark.integration  # `tagray index` builds on Ray Data
+def test_a_model_trained_on_an_import_refuses_features_of_another(ray_local, tmp_path, capsys):
     corpus, src = _corpus_as_parquet(tmp_path)
     _import(src, tmp_path / "a", name="clip")
     model = _saved_model(tmp_path, corpus, tmp_path / "a")

@@ -25,10 +25,9 @@ class FeedbackService:
 
     def __init__(self, model_dir: str, index_dir: str | None, url: str, base_dir: str | None,
                  endpoint_url: str | None = None) -> None:
-        from tagray.data import schema, storage
         from tagray.data.normalize import TagNormalizer
         from tagray.heads.models import load_model
-        from tagray.serve.index import IMAGES_FILE
+        from tagray.index import open_index
         from tagray.serve.service import display_name
 
         head = load_model(model_dir, endpoint_url)
@@ -37,8 +36,8 @@ class FeedbackService:
         self.model = f"{display_name(model_dir)}@{head.vocab.version}"
         self.images: set[str] | None = None
         if index_dir:
-            table = schema.read_table(storage.join(index_dir, IMAGES_FILE), ["image_id"], endpoint_url)
-            self.images = set(table.column("image_id").to_pylist())
+            info = open_index(index_dir, endpoint_url)  # sharded, or a single-directory index of earlier versions
+            self.images = set(info.image_ids().to_pylist()) - info.tombstones()
         self.store = FeedbackStore.open(url, base_dir)
         log.info("feedback: verdicts on %s go to %s (%d stored so far)", self.model, self.store.path, self.store.count())
 
