@@ -86,9 +86,10 @@ def train_neighbors(
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "neighbors_found": {s: float((nn >= 0).sum(1).mean()) for s, nn in data.neighbors.items()},
                "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
+    report = evaluate_neighbors_model(model, data, cfg, "test")
+    metrics["verdict"] = report["verdict"]  # in words: did it beat the baselines of its own report?
     save_net_head(SavedNetHead(model, data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, f"neighbourhood model ({cfg.metadata})")
-    report = evaluate_neighbors_model(model, data, cfg, "test")
     storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics

@@ -86,9 +86,10 @@ def train_refine(
                "phi0_val_map": history[0].get("val_map") if history else None,
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "seconds": time.perf_counter() - t0, "run": to_dict(run), "checkpoints": storage.join(out, "_ray", name)}
+    report = evaluate_refine_model(model, phi0, data)
+    metrics["verdict"] = report["verdict"]  # in words: did it beat the baselines of its own report?
     save_net_head(SavedNetHead(model.eval(), data.vocab, cfg, data.identity, data.counts, metrics), out, endpoint_url)
     plot_epochs(history, out, "refinement (epoch 0 = ϕ0)")
-    report = evaluate_refine_model(model, phi0, data)
     storage.write_text(storage.join(out, REPORT_FILE), jsonio.dumps(report, REPORT_FILE, indent=1), endpoint_url)
     print("\n".join(summary_lines(report)), flush=True)
     return metrics
