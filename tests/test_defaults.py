@@ -168,17 +168,17 @@ def report_of(head: str, images: int, tmp_path_factory) -> dict:
     return _REPORTS[head, images]
 
 
-SLOW = pytest.mark.integration
+SLOW = [pytest.mark.integration, pytest.mark.slow]  # minutes to hours of training: `make test-slow`
 CASES = [
     pytest.param("lr", 3000, id="lr-3k"),
     pytest.param("rlr", 3000, id="rlr-3k"),
     pytest.param("embed", 3000, id="embed-3k"),
-    pytest.param("neighbors", 3000, id="neighbors-3k", marks=NEIGHBORS_OPEN),
-    pytest.param("refine", 3000, id="refine-3k", marks=[SLOW, REFINE_OPEN]),
+    pytest.param("neighbors", 3000, id="neighbors-3k", marks=[pytest.mark.integration, NEIGHBORS_OPEN]),  # ~84 epochs
+    pytest.param("refine", 3000, id="refine-3k", marks=[*SLOW, REFINE_OPEN]),
     pytest.param("lr", 20_000, id="lr-20k", marks=SLOW),
     pytest.param("rlr", 20_000, id="rlr-20k", marks=SLOW),
-    pytest.param("embed", 20_000, id="embed-20k", marks=[SLOW, EMBED_20K_OPEN]),
-    pytest.param("neighbors", 20_000, id="neighbors-20k", marks=SLOW),  # not measured (see the module docstring)
+    pytest.param("embed", 20_000, id="embed-20k", marks=[*SLOW, EMBED_20K_OPEN]),
+    pytest.param("neighbors", 20_000, id="neighbors-20k", marks=SLOW),  # fails today (below visual-only; issue 14 note)
     pytest.param("refine", 20_000, id="refine-20k", marks=SLOW),  # not measured: 60,000 Algorithm 1 steps
 ]
 
@@ -200,7 +200,7 @@ def test_shipped_defaults_beat_every_baseline_of_their_report(head, images, tmp_
     pytest.param("embed", 3000, id="embed-3k", marks=EMBED_F1_OPEN),
     pytest.param("lr", 20_000, id="lr-20k", marks=SLOW),
     pytest.param("rlr", 20_000, id="rlr-20k", marks=SLOW),
-    pytest.param("embed", 20_000, id="embed-20k", marks=[SLOW, EMBED_20K_OPEN]),
+    pytest.param("embed", 20_000, id="embed-20k", marks=[*SLOW, EMBED_20K_OPEN]),
 ])
 def test_shipped_defaults_tag_prediction_beats_every_baseline(head, images, tmp_path_factory):
     """Heads that predict user tags from features alone: F1@k of tag prediction too (seed 001 Table 2)."""
