@@ -108,18 +108,18 @@ def test_diverged_training_on_ray_train_stops_and_writes_no_model(ray_local, cor
     assert not (out / "model.json").exists() and not (out / "weights.safetensors").exists()
     states = sorted(out.glob("_ray/train-*/checkpoint_*/state.pt"))
     assert len(states) == 1  # the step-1 checkpoint: the last good one, kept
-    state = torch.load(states[0], weights_only=True)
+    state = torch.load(states[0], weights_only=True)["recipe"]  # the recipe's state in the run's checkpoint
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
 @pytest.mark.integration
 def test_more_workers_than_the_cluster_holds_fails_at_once(ray_local, corpus, tmp_path, capsys):
-    code, err = _run(capsys, *_train_argv(corpus, tmp_path / "m", "--head", "lr", "batch_size=50", "workers=100"))
+    code, err = _run(capsys, *_train_argv(corpus, tmp_path / "m", "--head", "lr", "batch_size=100", "workers=100"))
     assert code == 2
     assert err == ["tagray train: error: training (100 worker(s) × 1 CPU) asks for 100 CPU(s) and 0 GPU(s), but the "
                    "Ray cluster has 2 CPU(s) and 0 GPU(s): lower workers / worker_cpus (or trial_cpus), or set "
                    "resources_wait_s to wait for an autoscaling cluster to grow"]
-    code, err = _run(capsys, *_train_argv(corpus, tmp_path / "m", "--head", "lr", "batch_size=50", "workers=100",
+    code, err = _run(capsys, *_train_argv(corpus, tmp_path / "m", "--head", "lr", "batch_size=100", "workers=100",
                                           "resources_wait_s=0.3"))
     assert code == 2 and "has 2 CPU(s) and 0 GPU(s) after waiting 0.3s for it to grow" in err[-1]
     assert not (tmp_path / "m" / "model.json").exists()

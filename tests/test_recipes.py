@@ -20,7 +20,6 @@ from tagray.heads.fit import HeadConfig
 from tagray.heads.neighborhood import NeighborsConfig
 from tagray.heads.recipe import (
     LocalSession,
-    NonFiniteLoss,
     Recipe,
     epoch_indices,
     global_batch,
@@ -30,6 +29,7 @@ from tagray.heads.recipes import build_recipe
 from tagray.heads.refine import RefineConfig
 from tagray.heads.targets import PAD
 from tagray.heads.word_table import WordTable
+from tagray.jsonio import NonFiniteError
 
 N, D, T = 240, 16, 6
 
@@ -131,7 +131,7 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_reports_no_nan_state(
         return out
 
     recipe.train_step = poisoned
-    with pytest.raises(NonFiniteLoss, match=r"epoch \d+.*step \d+") as err:
+    with pytest.raises(NonFiniteError, match=r"epoch \d+.*step \d+") as err:
         run_recipe(recipe, session)
     assert "nan" in str(err.value).lower()
     # What was reported before the bad step is finite; nothing after it was reported.
