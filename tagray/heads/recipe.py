@@ -244,6 +244,29 @@ class BestEpoch:
         return self.state["map"]
 
 
+class ArrayRecipe(Recipe):
+    """What the neighbourhood heads' recipes share: their split arrays in memory (`train` with
+    features x; `val` for validation mAP), the best epoch by `val_map`, and its model."""
+
+    val_metric = "val_map"
+
+    def __init__(self, cfg: Any, tags: int, train: dict, val: dict | None = None) -> None:
+        self.cfg, self.tags, self.train, self.val = cfg, tags, train, val
+        self.n, self.dim = len(train["x"]), int(np.asarray(train["x"]).shape[1])
+        self.epochs, self.seed = cfg.epochs, cfg.seed
+        self.checkpoint_every = cfg.checkpoint_every
+
+    def build(self) -> nn.Module:
+        """A fresh model of this head (its `build_<head>`)."""
+        raise NotImplementedError
+
+    def best_model(self) -> nn.Module:
+        """The best epoch's weights (the last epoch's without validation), in eval mode on the CPU."""
+        model = self.build()
+        model.load_state_dict(self.best.state["model"] or {k: v.cpu() for k, v in self.model.state_dict().items()})
+        return model.eval()
+
+
 @dataclass
 class LocalSession:
     """One process, no Ray: `run_recipe(recipe, LocalSession())`. Keeps the last checkpoint in

@@ -25,8 +25,8 @@ from tagray.heads.neighborhood import (
     sample_neighborhoods,
 )
 from tagray.heads.recipe import (
+    ArrayRecipe,
     BestEpoch,
-    Recipe,
     Session,
     epoch_indices,
     global_batch,
@@ -64,16 +64,15 @@ def _targets(train: dict, idx: np.ndarray, tags: int) -> torch.Tensor:
     return multi_hot(train["target_ids"][idx], tags)
 
 
-class NeighborsRecipe(Recipe):
+class NeighborsRecipe(ArrayRecipe):
     name = "neighbors"
-    val_metric = "val_map"
 
     def __init__(self, cfg: NeighborsConfig, tags: int, train: dict, val: dict | None = None) -> None:
-        self.cfg, self.tags, self.train, self.val = cfg, tags, train, val
-        self.n, self.dim = len(train["x"]), int(np.asarray(train["x"]).shape[1])
-        self.epochs, self.seed = cfg.epochs, cfg.seed
-        self.checkpoint_every = cfg.checkpoint_every
+        super().__init__(cfg, tags, train, val)
         self.patience = cfg.patience
+
+    def build(self):
+        return build_neighbors(self.cfg, self.dim, self.tags)
 
     def setup(self, session: Session) -> None:
         cfg = self.cfg
@@ -116,12 +115,6 @@ class NeighborsRecipe(Recipe):
         val_map = validation_map(self.model, self.val, self.cfg, session.device)
         self.best.update(epoch, val_map, self.model)
         return {"val_map": val_map}
-
-    def best_model(self) -> NeighborhoodNet:
-        """The best epoch's weights (the last epoch's without validation), in eval mode on the CPU."""
-        model = build_neighbors(self.cfg, self.dim, self.tags)
-        model.load_state_dict(self.best.state["model"] or {k: v.cpu() for k, v in self.model.state_dict().items()})
-        return model.eval()
 
 
 def fit_neighbors(x: torch.Tensor, y: torch.Tensor, neighbors: np.ndarray, cfg: NeighborsConfig,

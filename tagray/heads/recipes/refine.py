@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from tagray.heads.recipe import (
+    ArrayRecipe,
     BestEpoch,
-    Recipe,
     Session,
     epoch_indices,
     global_batch,
@@ -52,17 +52,13 @@ def validation_map(model: RefineNet, val: dict, device: torch.device | None = No
     return mean_average_precision(scores[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
 
 
-class RefineRecipe(Recipe):
+class RefineRecipe(ArrayRecipe):
     name = "refine"
     first_epoch = 0  # ϕ0
-    val_metric = "val_map"
     hint = "lower lr / init_lr"
 
-    def __init__(self, cfg: RefineConfig, tags: int, train: dict, val: dict | None = None) -> None:
-        self.cfg, self.tags, self.train, self.val = cfg, tags, train, val
-        self.n, self.dim = len(train["x"]), int(np.asarray(train["x"]).shape[1])
-        self.epochs, self.seed = cfg.epochs, cfg.seed
-        self.checkpoint_every = cfg.checkpoint_every
+    def build(self):
+        return build_refine(self.cfg, self.dim, self.tags)
 
     def setup(self, session: Session) -> None:
         cfg = self.cfg
@@ -140,12 +136,6 @@ class RefineRecipe(Recipe):
         val_map = validation_map(self.model, self.val, session.device)
         self.best.update(epoch, val_map, self.model)
         return {"val_map": val_map}
-
-    def best_model(self) -> RefineNet:
-        """The best epoch's ϕ (the last epoch's without validation), in eval mode on the CPU."""
-        model = build_refine(self.cfg, self.dim, self.tags)
-        model.load_state_dict(self.best.state["model"] or {k: v.cpu() for k, v in self.model.state_dict().items()})
-        return model.eval()
 
     def phi0_model(self) -> RefineNet:
         model = build_refine(self.cfg, self.dim, self.tags)
