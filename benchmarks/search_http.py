@@ -43,10 +43,7 @@ def make_rlr(directory: str, features_uri: str, manifest_uri: str, sample: int) 
     from tagray.data.split import SplitConfig, assign_splits
     from tagray.heads.artifact import SavedHead, save_head
     from tagray.heads.fit import HeadConfig, align
-    try:  # the in-process trainer (moving between modules)
-        from tagray.heads.fit import fit
-    except ImportError:
-        from tagray.heads.recipes.linear import fit
+    from tagray.heads.recipes.linear import fit
     from tagray.heads.targets import build_targets, dense, prepare_vocabulary
 
     manifest = assign_splits(read_manifest(manifest_uri), SplitConfig(seed=0))

@@ -290,9 +290,6 @@ def test_serve_config_args_are_serve_config_fields():
         from_dict(ServeConfig, {"model": "m", "batchsize": 3}, "args")
 
 
-@pytest.mark.xfail(strict=True, reason="serve_configs/tagray.yaml repeats ServeConfig's defaults in args "
-                   "(buckets, max_image_bytes, batch_size, …): the file is not this helper's; the change is "
-                   "drafted in /tmp/drafts/defaults-serve_configs.md — apply it and remove this mark")
 @pytest.mark.parametrize("rel", SERVE_CONFIGS)
 def test_serve_config_args_hold_only_deviations(rel):
     from tagray.commands.serve import args_from_serve_config

@@ -115,6 +115,37 @@ def test_a_resumed_run_equals_an_uninterrupted_one(head):
     assert history2[-1]["loss"] == pytest.approx(history[-1]["loss"], abs=1e-9)
 
 
+class _KilledInside(LocalSession):
+    """Dies right after the first mid-epoch checkpoint of epoch 2."""
+
+    def report(self, metrics: dict, state: dict | None, epoch_end: bool = True) -> None:
+        super().report(metrics, state, epoch_end)
+        if not epoch_end and metrics["epoch"] == 2:
+            raise _Killed
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_a_run_resumed_from_a_mid_epoch_checkpoint_equals_an_uninterrupted_one(head):
+    """checkpoint_every=4 (6 steps an epoch): killed inside epoch 2, the resumed run skips the
+    batches the checkpoint holds (never trains them twice) and ends bit for bit where an
+    uninterrupted run does, with the same step count and epoch losses."""
+    data = _data()
+    whole = _recipe(head, data, checkpoint_every=4)
+    history = run_recipe(whole, LocalSession())
+    session = _KilledInside()
+    with pytest.raises(_Killed):
+        run_recipe(_recipe(head, data, checkpoint_every=4), session)
+    saved = session.last_state
+    assert saved["next_epoch"] == 2 and 0 < saved["steps_in_epoch"] < history[-1]["steps_in_epoch"]
+    resumed = _recipe(head, data, checkpoint_every=4)
+    history2 = run_recipe(resumed, LocalSession(resume_from=saved))
+    assert resumed.steps_done() == whole.steps_done()
+    for k, v in _weights(whole).items():
+        torch.testing.assert_close(_weights(resumed)[k], v, rtol=0, atol=0, msg=f"{head}: {k}")
+    assert [h["loss"] for h in history2] == pytest.approx([h["loss"] for h in history], abs=1e-9)
+    assert [h["steps_in_epoch"] for h in history2] == [h["steps_in_epoch"] for h in history]
+
+
 @pytest.mark.parametrize("head", HEADS)
 def test_a_non_finite_loss_stops_naming_epoch_and_step_and_reports_no_nan_state(head):
     data = _data()

@@ -48,8 +48,7 @@ def index(*argv: str) -> str:
 def test_filters_dates_and_shard_groups_without_ray():
     """The pieces the app is wired from: query parameters → Filters (422 naming an unkept column
     or a bad date), and the shards dealt round robin so appended ones join existing groups."""
-    from tagray.index import Filters
-    from tagray.serve.app import shard_groups
+    from tagray.index import Filters, shard_groups
     from tagray.serve.errors import RequestError
     from tagray.serve.service import parse_filters
 
@@ -162,7 +161,7 @@ def served(built):
     from tests.conftest import free_port
 
     args = {"model": built["model"], "index": built["indexes"][4], "max_image_bytes": 200_000, "batch_size": 4,
-            "tagger_cpus": 0.5, "search_timeout_s": 10.0, "group_retry_s": 0.5, "max_k": 200, **LOW}
+            "tagger_cpus": 0.5, "search_timeout_s": 10.0, "group_retry_s": 0.5, "max_k": 200, "index_refresh_s": 0.5, **LOW}
     url = start(args, "127.0.0.1", free_port())
     yield {"url": url, "args": args, "running": dict(args)}
     serve.shutdown()
@@ -272,7 +271,7 @@ def test_a_killed_search_group_gives_partial_answers_then_is_replaced(built, app
 
 
 @pytest.mark.integration
-def test_appended_shards_are_searchable_after_a_reconfigure_and_old_images_never_fail(built, app, tmp_path):
+def test_appended_shards_are_picked_up_by_the_running_replicas_and_old_images_never_fail(built, app, tmp_path):
     from tagray.features.store import feature_table, read_features, shard_name, write_shard
 
     features, identity = read_features(built["features"])  # "this week's photos": the second half
@@ -307,25 +306,19 @@ def test_appended_shards_are_searchable_after_a_reconfigure_and_old_images_never
     watcher = threading.Thread(target=keep_asking)
     watcher.start()
     try:
-        # the same args (deploy() would skip them): build_app reads the new shards, the same groups get
-        # new shard lists as user_config — a reconfigure of the running replicas
-        from ray import serve
+        # no redeploy: every replica re-reads index.json (index_refresh_s) and loads the new version
+        # beside the old one, which keeps answering until the swap
+        def new_version():
+            info = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
+            return info["shards"] == 4 and info
 
-        from tagray.serve.app import build_app
-
-        app["running"] = None  # the next deploy() must redeploy
-        serve.run(build_app(args_for(app, where, search_groups=2)), name="tagray", route_prefix="/")
-        after = wait_for(lambda: requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]["shards"] == 4
-                         and requests.get(f"{app['url']}v1/model", timeout=30).json()["index"], "the new index version")
+        after = wait_for(new_version, "the new index version", timeout=120)
         wait_for(lambda: not search(app, q=q, k=10).json()["partial"], "every group serving the new shards", 120)
     finally:
         stop.set()
         watcher.join(timeout=60)
     assert after["version"] > before["version"] and after["groups"] == 2
-    # serve.run of a Python-built app gives the deployments a new code version, so Serve replaces the
-    # replicas (rolling: the watcher above saw no failure); `serve deploy` of a config whose only change
-    # is user_config reconfigures them in place. Measured here: the pids change under serve.run.
-    print(f"Searcher pids before/after the rollout: {pids} → {({g: replica_pid(f'Searcher-{g}') for g in (0, 1)})}")
+    assert {g: replica_pid(f"Searcher-{g}") for g in (0, 1)} == pids  # the same replicas: nothing restarted
     whole = ids_scores(search(app, q=q, k=100))
     assert any(i in set(ids[half:]) for i, _ in whole)  # the appended images are found
     unsharded = json.loads(cli("search", "--model", built["model"], "--index", built["indexes"][1], "--q", q,
@@ -414,37 +407,31 @@ def test_similar_filters_and_their_4xx(built, app, tmp_path):
 
 @pytest.mark.integration
 def test_embed_model_sharded_search_and_similar(built, app, tmp_path):
-    """The embed head's f·q search and search by example: K = 3 shards in 3 groups answer what K = 1
-    and `tagray search` do; an upload finds its own image first."""
-    indexes = {}
-    for k in (1, 3):
-        indexes[k] = str(tmp_path / f"embed_k{k}")
-        index("--model", built["embed"], "--features", built["features"], "--manifest", built["manifest"],
-              "--shards", str(k), "--out", indexes[k])
+    """The embed head's f·q search and search by example over HTTP: K = 3 shards in 3 groups answer
+    what `tagray search` does (which equals the unsharded index: tests/test_index_shards.py); an
+    upload finds its own image's neighbours."""
+    sharded = str(tmp_path / "embed_k3")
+    index("--model", built["embed"], "--features", built["features"], "--manifest", built["manifest"],
+          "--shards", "3", "--out", sharded)
+    deploy(app, args_for(app, sharded, model=built["embed"]))
+    assert requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]["groups"] == 3
     tags = requests.get(f"{app['url']}v1/tags", timeout=30).json()["tags"]
-    qs = [tags[0], f"{tags[1]},{tags[2]}"]
     target = built["ids"][7]
-    answers = {}
-    for k in (1, 3):
-        deploy(app, args_for(app, indexes[k], model=built["embed"]))
-        answers[k] = {q: ids_scores(search(app, q=q, k=15)) for q in qs}
-        answers[k]["similar"] = ids_scores(requests.post(f"{app['url']}v1/similar", json={"image_id": target, "k": 15},
-                                                         timeout=60))
-        # the upload of that image: f = h(backbone(decode(upload))), so the same neighbours (f·f′ ranks a
-        # longer vector in f's direction above f itself: the image is among them, not necessarily first)
-        up = requests.post(f"{app['url']}v1/similar", params={"k": 16}, timeout=60,
-                           files={"file": ("p.jpg", storage.read_bytes(built["uris"][7]), "image/jpeg")})
-        assert up.status_code == 200, up.text
-        got = [i["image_id"] for i in up.json()["images"]]
-        assert [i for i in got if i != target][:15] == [i for i, _ in answers[k]["similar"]]
-    assert answers[1] == answers[3] and target not in {i for i, _ in answers[3]["similar"]}
-    for q in qs:
-        printed = json.loads(cli("search", "--model", built["embed"], "--index", indexes[3], "--q", q, "-k", "15",
+    for q in (tags[0], f"{tags[1]},{tags[2]}"):
+        printed = json.loads(cli("search", "--model", built["embed"], "--index", sharded, "--q", q, "-k", "15",
                                  "--json"))
-        assert [(p["image_id"], p["score"]) for p in printed] == answers[3][q]
-    printed = json.loads(cli("search", "--model", built["embed"], "--index", indexes[1], "--similar", target,
+        assert ids_scores(search(app, q=q, k=15)) == [(p["image_id"], p["score"]) for p in printed]
+    similar = ids_scores(requests.post(f"{app['url']}v1/similar", json={"image_id": target, "k": 15}, timeout=60))
+    printed = json.loads(cli("search", "--model", built["embed"], "--index", sharded, "--similar", target,
                              "-k", "15", "--json"))
-    assert [(p["image_id"], p["score"]) for p in printed] == answers[3]["similar"]
+    assert similar == [(p["image_id"], p["score"]) for p in printed] and target not in {i for i, _ in similar}
+    # the upload of that image: f = h(backbone(decode(upload))), so the same neighbours (f·f′ ranks a
+    # longer vector in f's direction above f itself: the image is among them, not necessarily first)
+    up = requests.post(f"{app['url']}v1/similar", params={"k": 16}, timeout=60,
+                       files={"file": ("p.jpg", storage.read_bytes(built["uris"][7]), "image/jpeg")})
+    assert up.status_code == 200, up.text
+    got = [i["image_id"] for i in up.json()["images"]]
+    assert [i for i in got if i != target][:15] == [i for i, _ in similar]
 
 
 @pytest.mark.integration

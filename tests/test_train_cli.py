@@ -162,30 +162,36 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(small):
     assert metrics["history"][-1]["epoch"] == finished + 1
 
 
-def _loadable_states(out) -> list[dict]:
-    """Every checkpoint state under the run directory that reads as a whole torch file."""
+def _registered_state(out) -> dict | None:
+    """The state of the checkpoint Ray Train has registered as the run's latest (the one a
+    re-run resumes from: its checkpoint manager snapshot), or None while there is none or it
+    is being written or rotated. A checkpoint directory on disk that the controller has not
+    yet registered is not resumed from, so the test must not wait for one of those."""
     import io
 
     import torch
 
-    states = []
-    for path in sorted(out.glob("_ray/train-*/checkpoint_*/state.pt")):
+    for snapshot in sorted(out.glob("_ray/train-*/checkpoint_manager_snapshot.json")):
         try:
-            states.append(torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True))
-        except (FileNotFoundError, RuntimeError, EOFError):  # deleted by num_to_keep, or still being written
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+            if not latest:
+                continue
+            path = snapshot.parent / latest["checkpoint_dir_name"] / "state.pt"
+            return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        except (FileNotFoundError, json.JSONDecodeError, RuntimeError, EOFError):  # mid-write or rotated
             continue
-    return states
+    return None
 
 
 def _wait_for_checkpoint(out, proc, log, deadline: float) -> dict:
     import subprocess
 
     while True:
-        states = _loadable_states(out)
-        if states:
-            return max(states, key=_checkpoint_steps)
+        state = _registered_state(out)
+        if state is not None:
+            return state
         assert proc.poll() is None, f"training exited before its first checkpoint: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no complete checkpoint under {out} in time: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no registered checkpoint under {out} in time: {log.read_text()[-3000:]}"
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.5)
 

@@ -9,9 +9,12 @@ rank, the DDP wrapper, the collectives, where checkpoints go and where a resumed
 comes from. So a swept configuration retrained with `tagray train` is the same computation.
 
 What the loop owns, for every head:
-- seeds: torch's generators from (seed, epoch, rank) at every epoch;
+- seeds: torch's generators and `recipe.rng` from (seed, epoch, rank, step in the epoch)
+  before every step;
 - resume: the session's last checkpoint → `recipe.load_state_dict`, the history so far, and
-  the epoch to continue at (a mid-epoch checkpoint repeats that epoch's data);
+  where to continue: the next epoch, or inside an epoch after a mid-epoch checkpoint (its
+  first steps' batches are skipped, not trained again), so a resumed run equals an
+  uninterrupted one;
 - the non-finite-loss guard (`jsonio.check_loss`): the run stops with an error naming epoch,
   step and loss before anything is reported or checkpointed, so no NaN model is written and
   the last good checkpoint stays the latest;
@@ -81,7 +84,10 @@ class Recipe:
     patience: int | None = None  # early stopping: epochs without a better `val_metric` (None: never)
     val_metric: str | None = None  # the end_epoch key that keeps the best epoch (higher is better)
     hint: str = "lower lr"  # what the non-finite-loss error suggests
-    seed: int = 0  # with the epoch and rank, seeds torch's generators at the start of every epoch
+    seed: int = 0  # with the epoch, step and rank, seeds torch and `rng` before every step
+    # numpy randomness of a step (negatives, sampled neighbourhoods): run_recipe sets it before every
+    # train_step from (seed, epoch, rank, step in the epoch), so a run resumed mid-epoch draws the same
+    rng: np.random.Generator | None = None
 
     def setup(self, session: Session) -> None:
         """Builds the model(s) and optimisers on `session.device` (called once, before restore)."""
@@ -121,31 +127,39 @@ def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None
     one metrics row per finished epoch (the same rows the session's reports carry)."""
     recipe.setup(session)
     history: list[dict] = []
-    start = recipe.first_epoch
+    start, done_in_epoch, rows_before = recipe.first_epoch, 0, []
     state = session.restore()
     if state is not None:
         recipe.load_state_dict(state["recipe"])
         recipe.after_restore(session)
         history, start = list(state["history"]), int(state["next_epoch"])
+        # a mid-epoch checkpoint (checkpoint_every): epoch `start`'s first steps are in it
+        done_in_epoch, rows_before = int(state.get("steps_in_epoch", 0)), list(state.get("rows", []))
         if session.rank == 0:
-            print(f"[{recipe.name}] resuming after epoch {start - 1} at step {recipe.steps_done()}", flush=True)
+            inside = f" (epoch {start}: its first {done_in_epoch} steps)" if done_in_epoch else ""
+            print(f"[{recipe.name}] resuming after epoch {start - 1} at step {recipe.steps_done()}{inside}", flush=True)
     session.barrier()  # e.g. the embed head's word shards are restored before anyone pulls
     best = _best(history, recipe.val_metric)
     started_at = recipe.steps_done()
     for epoch in range(start, recipe.epochs + 1):
         t0 = time.perf_counter()
-        # Dropout and other torch randomness depend only on (seed, epoch, rank): a resumed run
-        # repeats an uninterrupted one exactly.
-        torch.manual_seed(int(np.random.SeedSequence([recipe.seed, epoch, session.rank]).generate_state(1)[0]))
-        rows: list[dict[str, float]] = []
-        for batch in recipe.batches(epoch, session):
+        torch.manual_seed(_seed(recipe.seed, epoch, session.rank))
+        rows: list[dict[str, float]] = rows_before if epoch == start else []
+        for i, batch in enumerate(recipe.batches(epoch, session)):
+            if epoch == start and i < done_in_epoch:
+                continue  # trained before the checkpoint this run resumed from (the batches are the same)
+            # dropout, negatives, sampled neighbourhoods depend only on (seed, epoch, rank, step):
+            # a resumed run repeats an uninterrupted one exactly, from an epoch's end or inside it
+            torch.manual_seed(_seed(recipe.seed, epoch, session.rank, i))
+            recipe.rng = np.random.default_rng([recipe.seed, epoch, session.rank, i])
             out = recipe.train_step(batch, session)
             check_loss(out["loss"], epoch, recipe.steps_done(), recipe.hint)  # NonFiniteError: a user error, one line
             rows.append(out)
             every = recipe.checkpoint_every
             if every and recipe.steps_done() % every == 0 and recipe.steps_done() > started_at:
                 partial = {"epoch": epoch, "step": recipe.steps_done(), "loss": float(np.mean([r["loss"] for r in rows]))}
-                _report(session, recipe, partial, history, next_epoch=epoch, epoch_end=False)  # a restart repeats this epoch
+                _report(session, recipe, partial, history, next_epoch=epoch, epoch_end=False,
+                        inside={"steps_in_epoch": i + 1, "rows": list(rows)})
         metrics = {"epoch": epoch, "step": recipe.steps_done(), **_means(rows), "steps_in_epoch": len(rows),
                    "device": str(session.device)}
         metrics.update(recipe.end_epoch(epoch, session))
@@ -170,13 +184,17 @@ def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None
     return history
 
 
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
 def _report(session: Session, recipe: Recipe, metrics: dict, history: list[dict], next_epoch: int,
-            epoch_end: bool = True) -> None:
+            epoch_end: bool = True, inside: dict | None = None) -> None:
     """Every worker reports (Ray Train's report is also a barrier); rank 0 attaches the state.
     The barrier first: no worker is still inside a step (pushing word gradients) while rank 0
-    snapshots."""
+    snapshots. `inside`: a mid-epoch checkpoint's steps done in `next_epoch` and their loss rows."""
     session.barrier()
-    state = ({"recipe": recipe.state_dict(), "history": history, "next_epoch": next_epoch}
+    state = ({"recipe": recipe.state_dict(), "history": history, "next_epoch": next_epoch, **(inside or {})}
              if session.rank == 0 else None)
     session.report(metrics, state, epoch_end)
 

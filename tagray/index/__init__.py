@@ -14,10 +14,11 @@ from tagray.index.search import (
     hits_json,
     merge_hits,
     search_all,
+    shard_groups,
 )
 
 __all__ = [
     "Filters", "Hit", "IndexBuildConfig", "IndexInfo", "ShardGroup", "UnknownImage", "build_index",
     "check_index_matches", "compact", "delete", "example_vector", "head_digest", "hits_json", "merge_hits",
-    "open_index", "parse_ids", "search_all",
+    "open_index", "parse_ids", "search_all", "shard_groups",
 ]

@@ -308,3 +308,10 @@ def hits_json(hits: list[Hit]) -> list[dict]:
 def is_embed(head) -> bool:
     return isinstance(head, SavedEmbedHead)
 
+
+def shard_groups(shards: list[str], groups: int) -> list[list[str]]:
+    """The index's shards dealt round robin over `groups` search groups (0: one per shard): shard i
+    goes to group i mod G, so with a fixed G appended shards join the existing groups (the running
+    Searcher replicas pick them up: tagray/serve/refresh.py) without moving the old ones."""
+    count = min(groups or len(shards), len(shards))
+    return [shards[g::count] for g in range(count)]

@@ -19,8 +19,10 @@ out with `user_config` (`serve deploy` with a changed `model`/`index`, or
 `serve.run(... user_config=...)`): `reconfigure` loads it while the old one keeps serving.
 
 Search is sharded (issue 15): the index's shards are split round robin over `search_groups`
-deployments `Searcher-0..G-1`, each told its shard names through `user_config` (new shards from
-`tagray index --append` are a reconfigure). The Ingress fans a query out to every group at once,
+deployments `Searcher-0..G-1`, each told its group number through `user_config`. A new index version
+(`tagray index --append/--delete/--compact`) is picked up by every replica within `index_refresh_s`
+(serve/refresh.py: loaded beside the old version, then swapped; no redeploy, no downtime, and
+appended shards join the existing groups round robin). The Ingress fans a query out to every group at once,
 each answers its best offset + k hits, and `tagray.index.merge_hits` merges them by (−score, row):
 exactly the unsharded answer. A group that fails or does not answer within `search_timeout_s` is
 left out (and skipped for `group_retry_s`) while Serve replaces it: the answer is then 200 with
@@ -33,11 +35,14 @@ left out (and skipped for `group_retry_s`) while Serve replaces it: the answer i
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -46,10 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from tagray.config import from_dict, to_dict
+from tagray.data import storage
+from tagray.index import open_index, shard_groups
 from tagray.serve import errors
 from tagray.serve.auth import HeldKey, KeyRing, parse_entries, split_env
 from tagray.serve.errors import RequestError, is_error, raise_if_error
 from tagray.serve.limits import BodyLimitMiddleware, BodyLimits, media_type
+from tagray.serve.refresh import IndexRefresh
 from tagray.serve.service import (
     SearchService,
     ServeConfig,
@@ -232,7 +240,9 @@ class Tagger:
     async def tag_batch(self, requests: list[tuple]) -> list[list[dict]]:
         pixels, ks, thresholds = zip(*requests, strict=True)
         self.batch_sizes[len(requests)] = self.batch_sizes.get(len(requests), 0) + 1
-        return self.service.tag(list(pixels), list(ks), list(thresholds))
+        # in a thread (torch releases the GIL): the replica's loop keeps receiving and decoding the
+        # next batch's requests while the model runs, so the model is not idle between batches
+        return await asyncio.to_thread(self.service.tag, list(pixels), list(ks), list(thresholds))
 
     def batching(self) -> dict[int, int]:
         """How many model calls took each batch size, since the replica started (benchmarks read
@@ -263,15 +273,17 @@ class Tagger:
 
 @serve.deployment(name="Searcher")
 class Searcher:
-    """One search group: the shards its user_config names (`{"model", "index", "shards", "version"}`),
-    answering each query's best hits over them (tagray/serve/service.py SearchService); the Ingress
-    merges the groups. A changed shard list or index version (an append) reloads in reconfigure
-    while the old shards keep answering."""
+    """One search group: group `group` of `groups` (user_config `{"model", "index", "group", "groups"}`)
+    holds shards group, group + groups, … of the index (`shard_groups`), answering each query's best
+    hits over them (tagray/serve/service.py SearchService); the Ingress merges the groups. A newer
+    index version (an append, delete or compact) is picked up by the replica itself within
+    `index_refresh_s` (tagray/serve/refresh.py): loaded beside the old one, then swapped in."""
 
     def __init__(self, config: dict) -> None:
         self.cfg = from_dict(ServeConfig, config, "serve config")
         self.service: SearchService | None = None
         self.loaded: tuple | None = None
+        self.refresh: IndexRefresh | None = None
 
     def reconfigure(self, user_config: dict) -> None:
         user_config = user_config or {}
@@ -279,49 +291,67 @@ class Searcher:
         index = resolve(user_config.get("index") or self.cfg.index or "", self.cfg.base_dir)
         if not model or not index:
             raise ValueError("Searcher: no model or index (user_config.model, user_config.index)")
-        shards = user_config.get("shards")
-        wanted = (model, index, tuple(shards) if shards is not None else None, user_config.get("version"))
+        wanted = (model, index, int(user_config.get("group", 0)), int(user_config.get("groups", 1)))
         if self.service is None or wanted != self.loaded:
-            self.service = SearchService(model, index, self.cfg, shards=shards)
             self.loaded = wanted
-            log.info("Searcher: %d shards of %s (version %d)", len(self.service.shards), index, self.service.version)
+            self._load(open_index(index, self.cfg.endpoint_url))
+            self.refresh = IndexRefresh(index, self.cfg.endpoint_url, self.cfg.index_refresh_s,
+                                        lambda: self.service.version, self._load)
 
-    def _answer(self, hits: list) -> dict:
-        return {"hits": hits, "shards": self.service.shards, "version": self.service.version}
+    def _load(self, info) -> None:
+        """This group's shards of `info` (one index version), built beside the service answering now."""
+        model, index, group, groups = self.loaded
+        parts = shard_groups(list(info.shards), groups)
+        shards = parts[group] if group < len(parts) else []
+        head = self.service.head if self.service is not None and self.service.model_dir == model else None
+        self.service = SearchService(model, index, self.cfg, head=head, shards=shards, info=info)
+        log.info("Searcher %d/%d: %d shards of %s (version %d)", group, groups, len(shards),
+                 storage.redact(index), info.version)
+
+    def _current(self) -> SearchService:
+        self.refresh.poke()
+        return self.service
 
     def search(self, q: str, n: int, min_score: float | None, filters: dict) -> dict:
+        svc = self._current()  # one version for the whole request, even if a refresh swaps it meanwhile
         try:
-            found = self.service.hits(self.service.terms(q), n, min_score, self._filters(filters))
-            return self._answer(found)
+            return _answer(svc, svc.hits(svc.terms(q), n, min_score, _filters(svc, filters)))
         except RequestError as e:
             return e.to_dict()
 
     def similar(self, vector, n: int, min_score: float | None, filters: dict, exclude: str | None) -> dict:
+        svc = self._current()
         try:
-            return self._answer(self.service.similar_hits(vector, n, min_score, self._filters(filters), exclude))
+            return _answer(svc, svc.similar_hits(vector, n, min_score, _filters(svc, filters), exclude))
         except RequestError as e:
             return e.to_dict()
 
-    def _filters(self, filters: dict):
-        from tagray.serve.service import parse_filters
-
-        info = self.service.info
-        return parse_filters(list(info.columns), **filters, date_column=info.meta.get("date_column"))
-
     def vector_of(self, image_id: str) -> dict:
+        svc = self._current()
         try:
-            return {"vector": self.service.vector_of(image_id), "shards": self.service.shards}
+            return {"vector": svc.vector_of(image_id), "shards": svc.shards}
         except RequestError as e:
             return e.to_dict()
 
     def image(self, image_id: str) -> bytes | dict:
         try:
-            return self.service.image_bytes(image_id)
+            return self._current().image_bytes(image_id)
         except RequestError as e:
             return e.to_dict()
 
     def describe(self) -> dict:
-        return self.service.describe()
+        return self._current().describe()
+
+
+def _answer(svc: SearchService, hits: list) -> dict:
+    return {"hits": hits, "shards": svc.shards, "version": svc.version}
+
+
+def _filters(svc: SearchService, filters: dict):
+    from tagray.serve.service import parse_filters
+
+    info = svc.info
+    return parse_filters(list(info.columns), **filters, date_column=info.meta.get("date_column"))
 
 
 @serve.deployment(name="Feedback")
@@ -365,12 +395,21 @@ class Ingress:
         self.cfg = from_dict(ServeConfig, config, "serve config")
         api.state.body_limits = BodyLimits(self.cfg.max_image_bytes, self.cfg.max_json_bytes)
         api.state.keyring = keyring_of(self.cfg)
-        self.index: dict | None = None  # {"version", "kind", "groups": [[shard names] per group]}
+        self.index: dict | None = None  # {"uri", "version", "kind", "groups": [[shard names] per group]}
+        self.refresh: IndexRefresh | None = None
         self.down_until = [0.0] * len(self.searchers)
 
     def reconfigure(self, user_config: dict) -> None:
-        """The index's version and the shards of each search group (changed by an append)."""
+        """The index's version and the shards of each search group; a newer version (an append,
+        delete, compact) is then read within index_refresh_s, as the groups themselves do."""
         self.index = (user_config or {}).get("index")
+        if self.index is not None:
+            self.refresh = IndexRefresh(self.index["uri"], self.cfg.endpoint_url, self.cfg.index_refresh_s,
+                                        lambda: self.index["version"], self._index_changed)
+
+    def _index_changed(self, info) -> None:
+        self.index = {"uri": self.index["uri"], "version": int(info.version), "kind": info.kind,
+                      "groups": shard_groups(list(info.shards), len(self.searchers))}
 
     async def fan_out(self, method: str, *args) -> tuple[list[dict], list[str]]:
         """`method(*args)` on every search group at once → (the groups' answers, the shards missing
@@ -379,6 +418,8 @@ class Ingress:
         if not self.searchers:
             raise RequestError(503, "search is not available: this app was started without an index (build one "
                                     "with `tagray index`, then start with --index INDEX)", code="no_index")
+        if self.refresh is not None:
+            self.refresh.poke()
         now = time.monotonic()
         tasks = {g: asyncio.ensure_future(_awaited(getattr(h, method).remote(*args)))
                  for g, h in enumerate(self.searchers) if self.down_until[g] <= now}
@@ -537,6 +578,8 @@ class Ingress:
     async def model(self) -> dict:
         info = await call(self.tagger.model_info, "Tagger")
         index = None
+        if self.refresh is not None:
+            self.refresh.poke()
         if self.index is not None:
             groups = self.index["groups"]
             index = {"version": self.index["version"], "kind": self.index["kind"],
@@ -568,42 +611,61 @@ def build_app(args: dict) -> serve.Application:
     base = cfg.base_dir or os.getcwd()
     cfg = dataclasses.replace(cfg, base_dir=base, model=resolve(cfg.model, base),
                               index=resolve(cfg.index, base) if cfg.index else None)
-    # Constructors get the settings without model/index; those travel as user_config, so
-    # changing them (serve deploy, or build_app + serve.run again) reconfigures the running
-    # replicas in place: a rollout without downtime.
+    # Constructors get the settings without model/index; those travel as user_config, and every
+    # deployment's code version is a digest of its constructor's inputs and tagray's serving code
+    # (`_versioned`), so changing only the model or index (serve.run(build_app(...)) again) is a
+    # reconfigure of the running replicas — the old model or index serves until the new one has
+    # loaded — and changed settings or code replace them.
     config = to_dict(dataclasses.replace(cfg, model="", index=None))
-    tagger = Tagger.options(
+    tagger = _versioned(Tagger.options(
         num_replicas=cfg.tagger_replicas,
         ray_actor_options={"num_cpus": cfg.tagger_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=max(4 * cfg.batch_size, 32),
         user_config={"model": cfg.model},
-    ).bind(config)
+    ), config).bind(config)
     searchers, index = [], None
     if cfg.index:
-        from tagray.index import open_index
-
         info = open_index(cfg.index, cfg.endpoint_url)
         groups = shard_groups(list(info.shards), cfg.search_groups)
-        searchers = [Searcher.options(name=f"Searcher-{g}", num_replicas=cfg.searcher_replicas,
-                                      ray_actor_options={"num_cpus": cfg.searcher_cpus},
-                                      user_config={"model": cfg.model, "index": cfg.index, "shards": shards,
-                                                   "version": int(info.version)}).bind(config)
-                     for g, shards in enumerate(groups)]
-        index = {"version": int(info.version), "kind": info.kind, "groups": groups}
+        searchers = [_versioned(Searcher.options(name=f"Searcher-{g}", num_replicas=cfg.searcher_replicas,
+                                                 ray_actor_options={"num_cpus": cfg.searcher_cpus},
+                                                 user_config={"model": cfg.model, "index": cfg.index, "group": g,
+                                                              "groups": len(groups)}), config).bind(config)
+                     for g in range(len(groups))]
+        index = {"uri": cfg.index, "version": int(info.version), "kind": info.kind, "groups": groups}
     feedback = None
     if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
-        feedback = Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                                    user_config={"model": cfg.model, "index": cfg.index}).bind(config)
-    return Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
-                           user_config={"index": index}).bind(tagger, searchers, feedback, config)
+        feedback = _versioned(Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
+                                               user_config={"model": cfg.model, "index": cfg.index}),
+                              config).bind(config)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
+                              user_config={"index": index})
+    # the Ingress holds a handle per search group: a different number of groups is a new Ingress
+    return _versioned(ingress, config, groups=len(searchers), feedback=feedback is not None).bind(
+        tagger, searchers, feedback, config)
 
 
-def shard_groups(shards: list[str], groups: int) -> list[list[str]]:
-    """The index's shards dealt round robin over `groups` search groups (0: one per shard): shard i
-    goes to group i mod G, so with a fixed G appended shards join the groups (a reconfigure) without
-    moving the existing ones."""
-    count = min(groups or len(shards), len(shards))
-    return [shards[g::count] for g in range(count)]
+def _versioned(deployment: serve.Deployment, config: dict, **more) -> serve.Deployment:
+    """`deployment` with a code version that changes exactly when its replicas must restart: its
+    name, its constructor's settings (`config`, `more`) and the source of tagray's serving code.
+    Serve then reconfigures replicas whose user_config alone changed (a model or index rollout)
+    instead of replacing them, under serve.run as under `serve deploy`. (Serve's public options
+    no longer take a version; `_internal` sets only this one, the others stay user-configured.)"""
+    blob = json.dumps({"name": deployment.name, "config": config, "more": more, "code": _serving_code_digest()},
+                      sort_keys=True, default=str)
+    return deployment.options(version=hashlib.sha256(blob.encode()).hexdigest()[:16], _internal=True)
+
+
+@functools.cache
+def _serving_code_digest() -> str:
+    """A digest of tagray's source (every module a replica may run): a new version or a local edit
+    replaces the replicas at the next deploy."""
+    digest = hashlib.sha256()
+    root = Path(__file__).parent.parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def serve_config_fields() -> list[str]:

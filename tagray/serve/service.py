@@ -51,6 +51,9 @@ class ServeConfig:
     searcher_cpus: float = 0.25  # per search group replica
     search_timeout_s: float = 5.0  # a group that has not answered by then is missing from the answer (partial)
     group_retry_s: float = 2.0  # a group that failed is skipped (its shards reported missing) for this long
+    # every replica re-reads index.json this often (when a request comes) and loads a newer version
+    # (`tagray index --append/--delete/--compact`) in the background, answering from the old one meanwhile; 0: never
+    index_refresh_s: float = 10.0
     tagger_cpus: float = 1.0
     num_gpus: float = 0.0  # per tagger replica
     torch_threads: int = 0  # per tagger replica; 0 = torch's default
@@ -70,11 +73,12 @@ class ServeConfig:
                self.tagger_replicas, self.searcher_replicas) < 1:
             raise ConfigError("max_image_bytes, max_json_bytes, max_pixels, max_query_terms, max_k, batch_size and the replica "
                               "counts must be ≥ 1")
-        numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus, self.searcher_cpus, self.group_retry_s)
+        numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus, self.searcher_cpus, self.group_retry_s,
+                   self.index_refresh_s)
         if not all(math.isfinite(x) and x >= 0 for x in numbers) or min(self.torch_threads, self.search_groups,
                                                                          self.max_offset) < 0:
-            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus, searcher_cpus, group_retry_s, torch_threads, "
-                              "search_groups and max_offset must be finite and ≥ 0")
+            raise ConfigError("batch_wait_s, tagger_cpus, num_gpus, searcher_cpus, group_retry_s, index_refresh_s, "
+                              "torch_threads, search_groups and max_offset must be finite and ≥ 0")
         if not (math.isfinite(self.search_timeout_s) and self.search_timeout_s > 0):
             raise ConfigError("search_timeout_s must be finite and > 0")
         if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0) or self.rate_limit_burst < 1:
@@ -326,16 +330,16 @@ class SearchService:
     (scores are comparable across shards: the same model scored every image)."""
 
     def __init__(self, model_dir: str, index_dir: str, cfg: ServeConfig, head=None,
-                 shards: list[str] | None = None) -> None:
+                 shards: list[str] | None = None, info=None) -> None:
         from tagray.data.normalize import TagNormalizer
         from tagray.heads.embed_artifact import SavedEmbedHead
         from tagray.heads.models import load_image_tagger
         from tagray.index import ShardGroup, open_index
         from tagray.serve.index import WordIndex
 
-        self.cfg = cfg
+        self.cfg, self.model_dir = cfg, model_dir
         self.head = head if head is not None else load_image_tagger(model_dir, cfg.endpoint_url)
-        self.info = open_index(index_dir, cfg.endpoint_url)
+        self.info = info if info is not None else open_index(index_dir, cfg.endpoint_url)  # one version
         self.shards = list(self.info.shards) if shards is None else list(shards)
         self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url)  # checks the model and shards
         # the vectors search by example needs: the embed head's f, a linear index's normalised features

@@ -88,8 +88,7 @@ class EmbedRecipe(Recipe):
             self.table.restore(self._restore_words)
 
     def batches(self, epoch: int, session: Session) -> Iterable[dict]:
-        self.rng = np.random.default_rng([self.cfg.seed, epoch, session.rank])
-        self.sampler.new_epoch(self.rng)
+        self.sampler.new_epoch(np.random.default_rng([self.cfg.seed, epoch, session.rank]))
         self.mlp.train()
         if self.train is None:
             yield from session.stream(self.per_worker, self.cfg.seed, epoch)

@@ -99,7 +99,6 @@ class NeighborsRecipe(ArrayRecipe):
         self.best, self._steps = BestEpoch(state["best"]), int(state["step"])
 
     def batches(self, epoch: int, session: Session) -> Iterable[np.ndarray]:
-        self.rng = np.random.default_rng([self.cfg.seed, epoch, session.rank])
         return epoch_indices(self.n, self.per_worker, session.world, session.rank, self.cfg.seed, epoch)
 
     def train_step(self, idx: np.ndarray, session: Session) -> dict[str, float]:
