@@ -240,9 +240,10 @@ class Tagger:
     async def tag_batch(self, requests: list[tuple]) -> list[list[dict]]:
         pixels, ks, thresholds = zip(*requests, strict=True)
         self.batch_sizes[len(requests)] = self.batch_sizes.get(len(requests), 0) + 1
-        # in a thread (torch releases the GIL): the replica's loop keeps receiving and decoding the
-        # next batch's requests while the model runs, so the model is not idle between batches
-        return await asyncio.to_thread(self.service.tag, list(pixels), list(ks), list(thresholds))
+        # on the replica's loop: moving the model call to a thread (to overlap it with receiving
+        # the next requests) measured slower on 2 cores, 0.67 against 0.78 of the model-bound
+        # ceiling at concurrency 16 (BENCHMARKS.md, Serving)
+        return self.service.tag(list(pixels), list(ks), list(thresholds))
 
     def batching(self) -> dict[int, int]:
         """How many model calls took each batch size, since the replica started (benchmarks read
