@@ -16,7 +16,7 @@ demo: setup
 test: setup
 	bash scripts/setup_browser.sh
 	$(VENV)/bin/ruff check tagray tests benchmarks scripts
-	$(VENV)/bin/pytest -m "not gpu and not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not gpu and not slow" --durations=25 $(PYTEST_ARGS)
 
 # The fast tier only (no Ray cluster, no S3 server): what `pytest` alone runs.
 test-fast: setup

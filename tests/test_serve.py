@@ -522,3 +522,4 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     model = requests.get(f"{app['url']}v1/model", headers={"Authorization": f"Bearer {reader}"}, timeout=30).json()
     assert model["model"] == "model_feedback" and model["feedback"]
     assert post({"verdicts": [one]}).status_code == 200  # the new model takes verdicts too
+

@@ -43,13 +43,8 @@ from tagray.heads.calibrate import CalibrateConfig
 from tagray.heads.embed_artifact import load_embed_head
 from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import HeadConfig
-from tagray.serve.index import (
-    WordIndex,
-    build_image_index,
-    build_prediction_index,
-    save_image_index,
-    save_prediction_index,
-)
+from tagray.index import IndexBuildConfig, build_index
+from tagray.serve.index import WordIndex, build_image_index, save_image_index
 from tagray.train.embed_run import train_embed
 from tagray.train.run import train_head
 from tagray.train.run_config import TrainRunConfig
@@ -235,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "seconds": time.perf_counter() - t0}
 
     t0 = _stage("serve: the Ray Serve app over HTTP (tagging, search, the page at /)")
+    # `tagray index`'s build (Ray Data actors writing self-describing shards): the index a user
+    # appends this week's photos to (`tagray index --append`) while the app serves it
     rlr_index = storage.join(out, "index_rlr")
-    save_prediction_index(build_prediction_index(load_inputs(calibrated_dir, split_uri, features_dir).head,
-                                                 features_table, manifest, calibrated_dir), rlr_index)
+    built = build_index(load_inputs(calibrated_dir, split_uri, features_dir).head, calibrated_dir, features_dir,
+                        rlr_index, manifest=split_uri, cfg=IndexBuildConfig(worker_cpus=0.5))
+    print(f"index: {built['images']} images in {built['shards']} shard(s), version {built['version']}")
     from tagray.commands.serve import start
 
     url = start({"model": calibrated_dir, "index": rlr_index}, "127.0.0.1", args.port)
