@@ -70,6 +70,9 @@ DEMO_SETTINGS: dict[type, dict[str, Any]] = {
     EmbedConfig: {
         "hidden": (256,),  # a quarter of the default h: 50-d synthetic word vectors and a tiny vocabulary
     },
+    IndexBuildConfig: {
+        "worker_cpus": 0.5,  # a 2-core laptop: the builder fits beside whatever earlier stages left running
+    },
 }
 DEMO_WORD_DIM = 50  # synthetic word vectors written for the embed head (not a config field)
 
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     # appends this week's photos to (`tagray index --append`) while the app serves it
     rlr_index = storage.join(out, "index_rlr")
     built = build_index(load_inputs(calibrated_dir, split_uri, features_dir).head, calibrated_dir, features_dir,
-                        rlr_index, manifest=split_uri, cfg=IndexBuildConfig(worker_cpus=0.5))
+                        rlr_index, manifest=split_uri, cfg=demo_config(IndexBuildConfig))
     print(f"index: {built['images']} images in {built['shards']} shard(s), version {built['version']}")
     from tagray.commands.serve import start
 
