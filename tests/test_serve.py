@@ -151,8 +151,15 @@ def test_rollout_of_a_new_model_and_a_dead_replica_is_replaced(app):
     new_index = str(app["out"] / "index_rlr_uncalibrated")
     features, _ = read_features(str(app["out"] / "features"))
     save_prediction_index(build_prediction_index(load_model(new_model), features, None, new_model), new_index)
+    from tests.serving import actor_pid
+
+    deploy(app, app["args"])
+    before = actor_pid("Tagger")
     deploy(app, {**app["args"], "model": new_model, "index": new_index})
     assert requests.get(f"{app['url']}v1/model", timeout=30).json()["model"] == "model_rlr"
+    # only user_config changed: the deployments keep their code version (serve/app.py _versioned),
+    # so Serve reconfigured the running Tagger in place instead of replacing it
+    assert actor_pid("Tagger") == before
     assert tag_request(app, data).status_code == 200
     # The embedding head: open-vocabulary search through its faiss index, same answers as the demo's.
     embed = {**app["args"], "model": str(app["out"] / "model_embed"), "index": str(app["out"] / "index_embed")}
