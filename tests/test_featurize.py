@@ -6,6 +6,7 @@ cluster is SIGKILLed mid-way resumes without duplicates."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -324,3 +325,46 @@ def to_jsonable(cfg: FeaturizeConfig) -> dict:
     from tagray.config import to_dict
 
     return json.loads(json.dumps(to_dict(cfg)))
+
+
+def test_a_busy_cluster_gets_a_pool_of_what_fits_or_a_clear_error_in_time(ray_local, tmp_path):
+    """Beside a job holding all but 0.5 of the CPUs (as a Serve app does): the default pool
+    (one 0.75-CPU actor per CPU) cannot start one actor, and the run fails within its deadline
+    naming the CPUs asked for and free; with actors that fit, the run finishes — also every
+    stage between them (the repartition into shards reserved 1 CPU and never ran)."""
+    import concurrent.futures
+
+    import ray
+
+    from tagray.resources import NotEnoughResources
+
+    manifest = schema.read_manifest(synthesize(SynthConfig(images=12, seed=4, render_batch=12),
+                                               str(tmp_path / "corpus"))["manifest"])
+    m_uri = str(tmp_path / "m.parquet")
+    schema.write_manifest(manifest, m_uri)
+    hold = ray.cluster_resources()["CPU"] - 0.5  # scheduled once whatever ran before has let go
+
+    @ray.remote(num_cpus=hold)
+    class Holder:
+        def ping(self) -> int:
+            return 1
+
+    holder = Holder.remote()
+    ray.get(holder.ping.remote(), timeout=120)
+    default_pool = dataclasses.replace(CFG, actors=None)  # one actor of 0.75 CPU per CPU
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a deadline on runs that would wait for ever
+        try:  # (the holder goes before the pool is joined, so a run that hung can finish)
+            t0 = time.monotonic()
+            refused = pool.submit(featurize, m_uri, str(tmp_path / "refused"),
+                                  dataclasses.replace(default_pool, resources_wait_s=5))
+            with pytest.raises(NotEnoughResources, match=r"0\.75 per actor.* 0\.5 of 2 CPUs free.*no actor started in 5s"):
+                refused.result(timeout=120)
+            assert time.monotonic() - t0 < 90
+            small = dataclasses.replace(default_pool, actor_cpus=0.25, decode_cpus=0.1, write_cpus=0.1,
+                                        resources_wait_s=60)
+            summary = pool.submit(featurize, m_uri, str(tmp_path / "fits"), small).result(timeout=300)
+        finally:
+            ray.kill(holder)
+    assert summary["featurized"] == 12 and summary["errors"] == 0
+    assert summary["resources"]["actors_at_start"] == 1 and summary["resources"]["free_cpus_at_start"] == 0.5
+    assert summary["resources"]["max_actors"] == 2  # grows to one per CPU when they free up

@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     normalizer = TagNormalizer(load_config(NormalizerConfig, head.normalizer))
     inputs = check_inputs(head, args, normalizer)
+    from tagray.resources import require_resources
     from tagray.runtime import init_ray
-    from tagray.train.run_config import require_resources
 
     init_ray(args.ray_address)
     require_resources(*run.request(head.head), f"training ({run.workers} worker(s) × {run.worker_cpus:g} CPU"

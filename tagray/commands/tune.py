@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from tagray.data.normalize import NormalizerConfig, TagNormalizer
 
     normalizer = TagNormalizer(load_config(NormalizerConfig, sweep.normalizer))
+    from tagray.resources import require_resources
     from tagray.runtime import init_ray
-    from tagray.train.run_config import require_resources
     from tagray.tune.sweep import SweepData, SweepFailed, run_sweep
 
     data = SweepData(args.manifest, args.features, sweep, normalizer, args.endpoint_url)  # checked before Ray starts

@@ -12,6 +12,7 @@ the same directory featurises only the image_ids without features yet.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from tagray.features.backbone import (
 )
 from tagray.features.decode import fetch_and_decode
 from tagray.features.embed import Embedder
+from tagray.resources import PoolPlan, bounded_start, plan_pool
 
 if TYPE_CHECKING:
     import ray.data
@@ -52,11 +54,12 @@ class FeaturizeConfig:
     resize_size: int | None = None  # shorter side before the centre crop; default the backbone's (torchvision 256)
     batch_size: int = 64  # images per backbone call
     decode_batch_size: int = 16  # images per fetch/decode task call
-    actors: int | None = None  # backbone actors; default one per GPU, else one per CPU
+    actors: int | None = None  # most backbone actors; default one per GPU, else one per CPU (starts with those that fit)
     gpu: bool | None = None  # run the backbone on GPUs; default: when the cluster has any
     actor_cpus: float | None = None  # CPUs reserved per actor; default 1 with GPUs, 0.75 without
     decode_cpus: float = 0.25  # CPUs reserved per fetch/decode task
-    write_cpus: float = 0.25  # CPUs reserved per shard-writing task
+    write_cpus: float = 0.25  # CPUs reserved per shard-writing task (and per task regrouping rows into shards)
+    resources_wait_s: float | None = None  # fail when no backbone actor gets its CPUs / GPU in this time (None: 600 s)
     torch_threads: int = 1  # intra-op threads of each CPU actor
     shard_rows: int = 10_000  # images per output shard (the unit a killed run can lose; failed images count too)
     block_rows: int = 32  # manifest rows per input block: small blocks let every decode task start at once
@@ -89,6 +92,8 @@ class FeaturizeConfig:
                               "the image resized to resize_size, so it must be at least image_size")
         if not self.write_cpus > 0:
             raise ConfigError(f"write_cpus must be > 0, got {self.write_cpus}")
+        if self.resources_wait_s is not None and not self.resources_wait_s > 0:
+            raise ConfigError(f"resources_wait_s must be > 0 (or null), got {self.resources_wait_s}")
         if self.decode_cpus <= 0 or (self.actor_cpus is not None and self.actor_cpus < 0) or self.seed < 0:
             raise ConfigError(f"decode_cpus must be > 0, actor_cpus ≥ 0 and seed ≥ 0; got decode_cpus={self.decode_cpus}, "
                               f"actor_cpus={self.actor_cpus}, seed={self.seed}")
@@ -102,7 +107,10 @@ class TooManyErrors(RuntimeError):
     """More images failed than `max_error_fraction` allows (everything else is kept)."""
 
 
-def _resources(cfg: FeaturizeConfig) -> tuple[bool, int, float]:
+def _resources(cfg: FeaturizeConfig) -> tuple[bool, PoolPlan]:
+    """GPU or not, and the backbone actors' pool: at most one per GPU (else per CPU) or
+    `cfg.actors`, started with those that fit the free resources beside one decode and one
+    write task (tagray.resources)."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -112,7 +120,9 @@ def _resources(cfg: FeaturizeConfig) -> tuple[bool, int, float]:
         raise ConfigError("gpu=true but the Ray cluster has no GPUs")
     actors = cfg.actors or (gpus if use_gpu else max(1, cpus))
     actor_cpus = cfg.actor_cpus if cfg.actor_cpus is not None else (1.0 if use_gpu else 0.75)
-    return use_gpu, actors, actor_cpus
+    pool = plan_pool("featurize's backbone actors", actors, actor_cpus, 1.0 if use_gpu else 0.0,
+                     beside_cpus=max(cfg.decode_cpus, cfg.write_cpus), wait_s=cfg.resources_wait_s)
+    return use_gpu, pool
 
 
 @dataclass(frozen=True)
@@ -143,7 +153,7 @@ def prepare_backbone(cfg: FeaturizeConfig, endpoint_url: str | None = None) -> P
 
 
 def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared: PreparedBackbone,
-                    resources: tuple[bool, int, float], endpoint_url: str | None = None) -> ray.data.Dataset:
+                    resources: tuple[bool, PoolPlan], endpoint_url: str | None = None) -> ray.data.Dataset:
     """The featurize pipeline (SPEC §2) as a Ray Dataset of bookkeeping records
     (store.RECORDS_SCHEMA): manifest rows (image_id, uri) → fetch + decode tasks → the backbone
     actors → blocks of exactly `shard_rows` images (Ray Data's strict streaming repartition;
@@ -152,11 +162,10 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
     Feature vectors stay in the workers and the object store; `resources` is `_resources(cfg)`."""
     import ray
 
-    use_gpu, actors, actor_cpus = resources
+    use_gpu, pool = resources
     identity = prepared.identity
     weights_ref = [ray.put(prepared.state)] if prepared.state is not None else []
-    blocks = [pending.slice(i, cfg.block_rows) for i in range(0, pending.num_rows, cfg.block_rows)]
-    return ray.data.from_arrow(blocks).map_batches(
+    ds = manifest_rows(pending.select(["image_id", "uri"]), cfg.block_rows, pool.total_cpus, cfg.decode_cpus).map_batches(
         fetch_and_decode,
         fn_kwargs={
             "image_size": identity["image_size"],
@@ -182,16 +191,59 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
             "std": identity["std"],
         },
         batch_size=cfg.batch_size,
-        num_cpus=actor_cpus,
-        num_gpus=1 if use_gpu else 0,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-    ).repartition(target_num_rows_per_block=cfg.shard_rows, strict=True).map_batches(
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
+        compute=pool.strategy(),
+    )
+    return in_blocks_of(ds, cfg.shard_rows, cfg.write_cpus).map_batches(
         store.write_feature_block,
         fn_kwargs={"out": out, "dim": identity["dim"], "identity": identity, "endpoint_url": endpoint_url},
         batch_size=None,  # one block, one shard
         batch_format="numpy",
         num_cpus=cfg.write_cpus,
     )
+
+
+def manifest_rows(pending: pa.Table, block_rows: int, cluster_cpus: float, cpus: float) -> ray.data.Dataset:
+    """The pending (image_id, uri) rows as a Dataset, in batches of `block_rows`, with no task per
+    block: the table goes to the object store once, and a dataset of start rows (built in the
+    driver: `from_items`) is expanded by tasks reserving `cpus` (fused with the decode tasks, which
+    reserve the same). `from_arrow` of one table per block ran a 1-CPU metadata task per block:
+    100 s before the first image at 1M images on 2 CPUs (benchmarks/featurize_start.py), and never beside a
+    Serve app holding all but half a CPU. The starts are cut into enough blocks for every decode
+    task the cluster can run at once to have work, four times over."""
+    import ray
+
+    ref = ray.put(pending)
+    starts = [{"start": s} for s in range(0, pending.num_rows, block_rows)]
+    blocks = max(1, min(len(starts), 4 * math.ceil(max(cluster_cpus, 1.0) / cpus)))
+    return ray.data.from_items(starts, override_num_blocks=blocks).map_batches(
+        _rows_from, fn_kwargs={"table": [ref], "rows": block_rows}, batch_size=1, batch_format="pyarrow", num_cpus=cpus)
+
+
+def _rows_from(batch: pa.Table, table: list, rows: int) -> pa.Table:
+    """The `rows` manifest rows from each start row of `batch` (table: [the pending rows' ref])."""
+    import ray
+
+    pending = ray.get(table[0])
+    return pa.concat_tables([pending.slice(s, rows) for s in batch.column("start").to_pylist()])
+
+
+def in_blocks_of(ds: ray.data.Dataset, rows: int, cpus: float) -> ray.data.Dataset:
+    """`ds` in blocks of exactly `rows` rows, the last one smaller: Ray Data's strict streaming
+    repartition, its tasks reserving `cpus` CPUs instead of the 1 CPU Ray Data gives a map task
+    that names none (`Dataset.repartition` takes no ray_remote_args). The stage only regroups
+    blocks; at 1 CPU it did not fit beside the backbone actors: on 2 CPUs with the default 2
+    actors of 0.75, no shard was written before the last image was embedded (every feature
+    held in the object store, a killed run losing all of them), and beside a Serve app it
+    never ran."""
+    out = ds.repartition(target_num_rows_per_block=rows, strict=True)
+    op = getattr(getattr(out, "_logical_plan", None), "dag", None)  # Ray Data 2.60's logical plan (private)
+    if isinstance(getattr(op, "ray_remote_args", None), dict):
+        op.ray_remote_args.setdefault("num_cpus", cpus)
+    else:
+        log.warning("this Ray Data's repartition stage could not be given %g CPU: its tasks reserve 1 CPU", cpus)
+    return out
 
 
 def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: str | None = None,
@@ -226,27 +278,29 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
     errors: list[dict] = []
     shards: dict[str, int] = {}
     if pending.num_rows:
-        use_gpu, actors, actor_cpus = _resources(cfg)
-        summary["resources"] = {"gpu": use_gpu, "actors": actors, "actor_cpus": actor_cpus,
-                                "decode_cpus": cfg.decode_cpus, "write_cpus": cfg.write_cpus}
-        log.info("featurize: %d images (%d already done) with %d %s actor(s) of %s",
-                 pending.num_rows, summary["already_done"], actors, "GPU" if use_gpu else "CPU", cfg.backbone)
-        ds = records_dataset(pending, out, cfg, prepared, (use_gpu, actors, actor_cpus), endpoint_url)
+        use_gpu, pool = _resources(cfg)
+        summary["resources"] = {"gpu": use_gpu, **pool.as_dict(), "decode_cpus": cfg.decode_cpus,
+                                "write_cpus": cfg.write_cpus}
+        log.info("featurize: %d images (%d already done) with %d–%d %s actor(s) of %s",
+                 pending.num_rows, summary["already_done"], pool.first, pool.most, "GPU" if use_gpu else "CPU",
+                 cfg.backbone)
+        ds = records_dataset(pending, out, cfg, prepared, (use_gpu, pool), endpoint_url)
         t0 = time.perf_counter()
         first_rows = 0
         record_bytes = 0
         # The driver sees bookkeeping only (store.RECORDS_SCHEMA): the workers wrote the shards.
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            record_bytes += batch.nbytes
-            rows = batch.column("rows").to_pylist()
-            for name, n in zip(batch.column("shard").to_pylist(), rows, strict=True):
-                if name is not None:
-                    shards[name] = n  # a name seen twice is one file written twice (a retried task)
-            failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
-            errors.extend(failed.to_pylist())
-            if not first_rows:  # start-up: actors loading the backbone, the first shard filling
-                first_rows = sum(rows) + failed.num_rows
-                summary["startup_seconds"] = time.perf_counter() - t0
+        with bounded_start(ds, pool):
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                record_bytes += batch.nbytes
+                rows = batch.column("rows").to_pylist()
+                for name, n in zip(batch.column("shard").to_pylist(), rows, strict=True):
+                    if name is not None:
+                        shards[name] = n  # a name seen twice is one file written twice (a retried task)
+                failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
+                errors.extend(failed.to_pylist())
+                if not first_rows:  # start-up: actors loading the backbone, the first shard filling
+                    first_rows = sum(rows) + failed.num_rows
+                    summary["startup_seconds"] = time.perf_counter() - t0
         summary["pipeline_seconds"] = time.perf_counter() - t0
         summary["driver_record_bytes"] = record_bytes
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]

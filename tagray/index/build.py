@@ -46,6 +46,7 @@ from tagray.index.model import (
     model_identity,
     normalised,
 )
+from tagray.resources import bounded_start, plan_pool
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class IndexBuildConfig:
     gpu: bool = False  # faiss on a GPU where faiss has GPU support (else CPU, with a log line)
     batch_size: int = 16_384  # rows per forward pass in a worker
     worker_cpus: float = 1.0  # CPUs each builder actor reserves
-    workers: int | None = None  # actors at most (default: K, within the cluster's CPUs)
+    workers: int | None = None  # actors at most (default: K, within the cluster's CPUs; starts with those that fit)
+    resources_wait_s: float | None = None  # fail when no builder actor gets its CPUs in this time (None: 600 s)
     seed: int = 0  # the training sample's seed
     nprobe: int = 16  # IVF lists searched (stored in index.json, set when a shard loads)
     ef_search: int = 64  # HNSW efSearch
@@ -81,6 +83,8 @@ class IndexBuildConfig:
             raise ConfigError(f"worker_cpus must be > 0, got {self.worker_cpus}")
         if self.workers is not None and not self.workers >= 1:
             raise ConfigError(f"workers must be ≥ 1, got {self.workers}")
+        if self.resources_wait_s is not None and not self.resources_wait_s > 0:
+            raise ConfigError(f"resources_wait_s must be > 0 (or null), got {self.resources_wait_s}")
         if not (self.nprobe >= 1 and self.ef_search >= 1):
             raise ConfigError("nprobe and ef_search must be ≥ 1")
 
@@ -351,22 +355,25 @@ def _train_task(spec: dict, pieces: list, name: str) -> int:
 
 
 def run_pool(tasks: list[dict], spec: dict, cfg: IndexBuildConfig) -> list[dict]:
-    """The tasks through an actor pool of ShardBuilders (Ray Data map_batches); their metas."""
+    """The tasks through an actor pool of ShardBuilders (Ray Data map_batches); their metas. The
+    pool starts with the builders that fit the free CPUs and grows to `cfg.workers` (default: one
+    per task, within the cluster's CPUs) as more free up (tagray.resources)."""
     import ray
 
     if not tasks:
         return []
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    most = max(1, int(cpus // cfg.worker_cpus))
-    workers = max(1, min(len(tasks), cfg.workers or len(tasks), most))
+    most = max(1, min(len(tasks), cfg.workers or len(tasks), int(cpus // cfg.worker_cpus)))
     gpus = 1 if spec["gpu"] and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     if spec["gpu"] and not gpus:
         log.info("--gpu: the Ray cluster has no GPU; building on CPU")
     spec = dict(spec, gpu=bool(gpus) and spec["gpu"])
+    pool = plan_pool("the index builders", most, cfg.worker_cpus, gpus, wait_s=cfg.resources_wait_s)
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     out = ds.map_batches(ShardBuilder, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
-                         concurrency=workers, num_cpus=cfg.worker_cpus, num_gpus=gpus)
-    metas = [json.loads(r["meta"]) for r in out.take_all()]
+                         compute=pool.strategy(), num_cpus=pool.cpus, num_gpus=pool.gpus)
+    with bounded_start(out, pool):
+        metas = [json.loads(r["meta"]) for r in out.take_all()]
     return sorted(metas, key=lambda m: m["name"])
 
 

@@ -1,12 +1,11 @@
-"""How a run uses the Ray cluster (TrainRunConfig: workers, CPUs, GPUs, failures), checking that
-the cluster holds the request, and where Ray Train keeps a run (MODEL/_ray/<run name>)."""
+"""How a run uses the Ray cluster (TrainRunConfig: workers, CPUs, GPUs, failures; the check that the
+cluster holds the request is tagray.resources.require_resources), and where Ray Train keeps a run (MODEL/_ray/<run name>)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 from tagray.config import ConfigError, to_dict
@@ -51,57 +50,6 @@ class TrainRunConfig:
         if head in ("lr", "rlr", "embed") and not self.materialize:
             cpus += self.data_cpus
         return cpus, float(self.workers if self.gpu else 0)
-
-
-AUTOSCALING_WAIT_S = 600.0  # how long an autoscaling cluster gets to grow to a request by default
-
-
-def cluster_autoscales() -> bool:
-    """Whether the connected cluster can add nodes: launched by the cluster launcher (the bootstrap
-    config Ray Tune looks for), KubeRay (RAY_CLUSTER_NAME in the pod), or the v2 autoscaler."""
-    import os
-    from pathlib import Path
-
-    if Path("~/ray_bootstrap_config.yaml").expanduser().exists() or os.environ.get("RAY_CLUSTER_NAME"):
-        return True
-    try:
-        from ray.autoscaler.v2.utils import is_autoscaler_v2
-
-        return bool(is_autoscaler_v2())
-    except Exception:  # an older Ray without the v2 autoscaler, or no GCS answer: assume a fixed cluster
-        return False
-
-
-def require_resources(cpus: float, gpus: float, what: str, wait_s: float | None = None, poll_s: float = 5.0) -> None:
-    """Returns once the Ray cluster (ray.cluster_resources(): all nodes, busy or not) holds `cpus`
-    CPUs and `gpus` GPUs; otherwise ConfigError naming what was asked and what there is — at once
-    on a fixed cluster (Ray would wait for ever), after `wait_s` seconds (default
-    AUTOSCALING_WAIT_S) on one that autoscales."""
-    import ray
-
-    def have() -> tuple[float, float]:
-        r = ray.cluster_resources()
-        return float(r.get("CPU", 0)), float(r.get("GPU", 0))
-
-    def fits() -> bool:
-        return cpus <= have()[0] + 1e-9 and gpus <= have()[1] + 1e-9
-
-    if fits():
-        return
-    deadline_s = wait_s if wait_s is not None else (AUTOSCALING_WAIT_S if cluster_autoscales() else 0.0)
-    if deadline_s > 0:
-        log.warning("%s asks for %g CPUs, %g GPUs; the cluster has %g CPUs, %g GPUs: waiting up to %gs for it to grow",
-                    what, cpus, gpus, *have(), deadline_s)
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline and not fits():
-            time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-        if fits():
-            return
-    c, g = have()
-    waited = f" after waiting {deadline_s:g}s for it to grow" if deadline_s > 0 else ""
-    raise ConfigError(f"{what} asks for {cpus:g} CPU(s) and {gpus:g} GPU(s), but the Ray cluster has {c:g} CPU(s) and "
-                      f"{g:g} GPU(s){waited}: lower workers / worker_cpus (or trial_cpus), or set resources_wait_s "
-                      "to wait for an autoscaling cluster to grow")
 
 
 def run_name(prefix: str, cfg, exclude: tuple[str, ...], *parts) -> str:
