@@ -88,7 +88,9 @@ def build(model: str, features: str, manifest: str | None, out: str, shards: int
     t0 = time.perf_counter()
     summary = build_index(load_image_tagger(model), model, features, out, manifest,
                           IndexBuildConfig(shards=shards, factory=factory, similar=similar, train_sample=50_000))
-    return {"seconds": time.perf_counter() - t0, **{k: v for k, v in summary.items() if not isinstance(v, list | dict)}}
+    workers = summary.get("workers") or [{}]
+    return {"seconds": time.perf_counter() - t0, "workers_peak_rss_mb": max(w.get("peak_rss_mb", 0) for w in workers),
+            **{k: v for k, v in summary.items() if not isinstance(v, list | dict)}}
 
 
 def build_legacy(model: str, features: str, out: str) -> dict:
@@ -135,13 +137,14 @@ def post_similar(url: str):
     return one
 
 
-def deploy(args: dict, port: int) -> str:
+def deploy(args: dict, port: int, searcher_cpus: float = 0.25) -> str:
     from ray import serve
 
     from tagray.commands.serve import start
 
     serve.shutdown()
-    return start({**args, "tagger_cpus": 0.1, "searcher_cpus": 0.25, "search_timeout_s": 30.0}, "127.0.0.1", port)
+    return start({**args, "tagger_cpus": 0.1, "searcher_cpus": searcher_cpus, "search_timeout_s": 30.0}, "127.0.0.1",
+                 port)
 
 
 def du(path: str) -> int:
@@ -159,6 +162,9 @@ def main() -> None:
     p.add_argument("--ivfpq", default="IVF1024,PQ16")
     p.add_argument("--port", type=int, default=8312)
     p.add_argument("--workdir", default=None, help="keep the corpus and indexes here (default: a temporary dir)")
+    p.add_argument("--reuse", default=None, metavar="DIR",
+                   help="a kept run's directory (corpus/, rlr/, k<K>/): search its indexes, no synth or build")
+    p.add_argument("--searcher-cpus", type=float, default=0.25, help="CPUs per Searcher replica")
     p.add_argument("--out", default="benchmarks/results/search_http.json")
     args = p.parse_args()
 
@@ -171,20 +177,30 @@ def main() -> None:
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}",
                     "images": args.images, "dim": args.dim}
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
-        t0 = time.perf_counter()
-        written = synthesize(SynthConfig(images=args.images, seed=5, feature_dim=args.dim), f"{work}/corpus",
-                             features_only=True)
-        result["synth_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"synth: {args.images} images in {result['synth_seconds']}s", flush=True)
-        model, tags = make_rlr(f"{work}/rlr", written["features"], written["manifest"], 50_000)
         indexes = {}
-        if not args.no_legacy:
-            indexes["legacy"] = f"{work}/legacy"
-            result["build_legacy"] = build_legacy(model, written["features"], indexes["legacy"])
-        for k in args.shards:
-            indexes[f"k{k}"] = f"{work}/k{k}"
-            result[f"build_k{k}"] = build(model, written["features"], written["manifest"], indexes[f"k{k}"], k)
-            print(f"index K={k}: {result[f'build_k{k}']}", flush=True)
+        if args.reuse:  # a kept run (killed before its temporary directory went): search only
+            work = args.reuse
+            written = {"features": f"{work}/corpus/features.parquet", "manifest": f"{work}/corpus/manifest.parquet"}
+            model = f"{work}/rlr"
+            from tagray.heads.models import load_model
+
+            tags = list(load_model(model).vocab.tags)
+            indexes = {f"k{k}": f"{work}/k{k}" for k in args.shards}
+            result["reused"] = work
+        else:
+            t0 = time.perf_counter()
+            written = synthesize(SynthConfig(images=args.images, seed=5, feature_dim=args.dim), f"{work}/corpus",
+                                 features_only=True)
+            result["synth_seconds"] = round(time.perf_counter() - t0, 1)
+            print(f"synth: {args.images} images in {result['synth_seconds']}s", flush=True)
+            model, tags = make_rlr(f"{work}/rlr", written["features"], written["manifest"], 50_000)
+            if not args.no_legacy:
+                indexes["legacy"] = f"{work}/legacy"
+                result["build_legacy"] = build_legacy(model, written["features"], indexes["legacy"])
+            for k in args.shards:
+                indexes[f"k{k}"] = f"{work}/k{k}"
+                result[f"build_k{k}"] = build(model, written["features"], written["manifest"], indexes[f"k{k}"], k)
+                print(f"index K={k}: {result[f'build_k{k}']}", flush=True)
         result["index_bytes_per_image"] = {name: round(du(d) / args.images, 1) for name, d in indexes.items()}
         print(f"peak driver RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
 
@@ -194,7 +210,7 @@ def main() -> None:
         answers: dict = {}
         result["search"] = {}
         for name, index in indexes.items():
-            url = deploy({"model": model, "index": index}, args.port)
+            url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus)
             rows = {}
             for n, qs in queries.items():
                 rows[f"{n}_tag"], answers[(name, n)] = timed(get_search(url), qs)
@@ -213,7 +229,7 @@ def main() -> None:
                 out = f"{work}/embed_{factory.replace(',', '_')}"
                 serve.shutdown()  # the builders need the CPUs the app's replicas hold
                 build_summary = build(embed, written["features"], None, out, 4, factory=factory)
-                url = deploy({"model": embed, "index": out}, args.port)
+                url = deploy({"model": embed, "index": out}, args.port, args.searcher_cpus)
                 if ids is None:
                     from tagray.index import open_index
 

@@ -47,6 +47,52 @@ def test_top_rows_is_the_exact_top_n_with_ties_broken_by_lower_index():
         assert layout.top_rows(total, n).tolist() == want
 
 
+def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_zeros(monkeypatch):
+    """top_and's candidates (tags' float16 patterns against a sampled bound) and top_rows' sampled
+    threshold give exactly the rows and sums of summing and ranking every image, on shards big
+    enough to take those paths: rare and common tags, many ties, zeros (+0 and −0), masks."""
+    monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)  # the sampled paths on small arrays too
+    monkeypatch.setattr(layout, "CANDIDATES_AT_MOST", 1)  # candidates however many the bound keeps
+    rng = np.random.default_rng(3)
+    took = {"candidates": 0, "all": 0}
+    real = layout._candidates
+
+    def counting(*a):
+        out = real(*a)
+        took["all" if out is None else "candidates"] += 1
+        return out
+
+    monkeypatch.setattr(layout, "_candidates", counting)
+    for trial in range(90):
+        n_img, tags = int(rng.integers(5_000, 40_000)), 6
+        scale = rng.choice([0.5, 4.0, 20.0], tags)  # near-certain, mid and rare tags
+        n = int(rng.integers(1, 60))
+        if trial % 4 == 1:  # fewer than n images above a common value: the top n ends on the bound itself
+            levels = np.full((n_img, tags), -8.0)
+            picked = rng.choice(n_img, min(n_img, 130 * n), replace=False)
+            levels[picked] = -3.0  # the sample's n-th largest: the bound
+            levels[picked[: n // 2 + 1]] = -0.5
+            log_p = layout.to_layout(levels)
+        elif trial % 2:  # a few levels: sums and the sampled bound land exactly on stored values
+            log_p = layout.to_layout(rng.choice([0.0, -0.5, -1.0, -2.0, -3.0, -8.0], (n_img, tags)))
+        else:
+            log_p = layout.to_layout(-rng.exponential(scale, (n_img, tags)))
+        log_p[:, rng.random(n_img) < 0.05] = np.float16(-2.0)  # ties across tags
+        log_p[0, rng.random(n_img) < 0.01] = np.float16(-0.0)
+        log_p[1, rng.random(n_img) < 0.01] = np.float16(0.0)
+        cols = [int(c) for c in rng.choice(tags, int(rng.integers(1, 4)), replace=trial % 7 == 0)]
+        mask = rng.random(n_img) < rng.choice([0.01, 0.03, 0.5, 1.0]) if trial % 3 else None
+        total = layout.and_scores(log_p, cols)
+        if mask is not None:
+            total[~mask] = -np.inf
+        want = [i for i in np.lexsort((np.arange(n_img), -total)) if np.isfinite(total[i])][:n]
+        rows, sums = layout.top_and(log_p, cols, n, mask)
+        assert rows.tolist() == want, (trial, cols, n)
+        assert np.array_equal(sums, total[want])
+        assert layout.top_rows(total, n).tolist() == want
+    assert took["candidates"] > 10 and took["all"] > 0  # both paths of top_and were exercised
+
+
 def test_split_runs_cuts_selected_rows_into_contiguous_near_equal_parts():
     runs = [(0, a, b) for a, b in runs_of(np.array([1, 1, 0, 1, 1, 1, 0, 0, 1], bool))] + [(1, 0, 5)]
     assert runs[:3] == [(0, 0, 2), (0, 3, 6), (0, 8, 9)]

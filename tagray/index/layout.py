@@ -36,7 +36,32 @@ def and_scores(log_p: np.ndarray, columns: list[int]) -> np.ndarray:
 def top_rows(total: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest values of `total` (−inf excluded), by value descending and
     index ascending among equal values — an exact, deterministic top-n (ties at the cut are
-    broken by the lower index, i.e. the lower global row within a shard)."""
+    broken by the lower index, i.e. the lower global row within a shard).
+
+    Above SAMPLED_ABOVE values it first keeps the candidates ≥ t, where t is the n-th largest of
+    a strided sample (every SAMPLE_STRIDE-th value). A sample's n-th largest is at most the whole
+    array's, so every one of the top n (and every tie at the cut) is a candidate: the answer is
+    the same, from one comparison pass and a partition of ~n·SAMPLE_STRIDE candidates instead of
+    a partition of all the values (BENCHMARKS, *Search over HTTP, sharded*)."""
+    size = len(total)
+    if n <= 0 or size == 0:
+        return np.zeros(0, np.int64)
+    if size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size:
+        sample = total[::SAMPLE_STRIDE]
+        t = np.partition(sample, len(sample) - n)[len(sample) - n]
+        if np.isfinite(t):
+            cand = np.flatnonzero(total >= t)  # NaN and −inf fall out: t is finite
+            return cand[_exact_top(total[cand], n)]
+    return _exact_top(total, n)
+
+
+SAMPLED_ABOVE = 1 << 16  # arrays longer than this take top_rows' sampled threshold first
+SAMPLE_STRIDE = 64
+CANDIDATES_AT_MOST = 16  # top_and gathers candidates only when the sample says ≤ 1/16 of the images are
+
+
+def _exact_top(total: np.ndarray, n: int) -> np.ndarray:
+    """top_rows by one partition of all the values (−inf excluded)."""
     finite = np.isfinite(total)
     avail = int(finite.sum()) if not finite.all() else len(total)
     n = min(n, avail)
@@ -51,6 +76,69 @@ def top_rows(total: np.ndarray, n: int) -> np.ndarray:
         cand = np.flatnonzero(finite)
     order = np.lexsort((cand, -total[cand].astype(np.float64)))
     return cand[order]
+
+
+def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, Σ_j log P of those rows): the exact top n of `and_scores(log_p, columns)` among the
+    rows `mask` keeps (None: all), in `top_rows`' order, with the same float32 sums.
+
+    Every log P is ≤ 0, so an image whose sum reaches t has every one of its m values ≥ t. With t
+    the n-th largest sum of a strided sample of the images (at most the n-th largest of all of
+    them), the candidates are the images whose values are all ≥ t: found by comparing the float16
+    bit patterns with t's as integers (for values ≤ 0 a larger pattern is a more negative value),
+    tag by tag, the most selective tag of the sample first. Only the candidates are summed and
+    ranked; the others cannot be in the top n, so the answer equals summing every image (tests/
+    test_index_shards.py). On 10M images that is one integer pass over one row instead of m
+    float16 → float32 passes and a partition of all the sums (BENCHMARKS, *Search over HTTP*)."""
+    size = log_p.shape[1] if log_p.ndim == 2 else 0
+    if (log_p.dtype == np.float16 and size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size
+            and (found := _candidates(log_p, columns, n, mask)) is not None):
+        total = _sum_rows(log_p, columns, found)
+        local = _exact_top(total, n)
+        return found[local], total[local]
+    total = and_scores(log_p, columns)
+    if mask is not None:
+        total[~mask] = -np.inf
+    rows = top_rows(total, n)
+    return rows, total[rows]
+
+
+def _sum_rows(log_p: np.ndarray, columns: list[int], rows: np.ndarray | slice) -> np.ndarray:
+    """and_scores of `rows` (indices or a slice) only: the same float32 sums, in query order."""
+    total = log_p[columns[0], rows].astype(np.float32)
+    for c in columns[1:]:
+        total += log_p[c, rows]
+    return total
+
+
+def _candidates(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None) -> np.ndarray | None:
+    """The rows (ascending) whose every value in `columns` is ≥ the sample's n-th largest sum;
+    None when the sample gives no usable bound (then the caller sums every image)."""
+    step = slice(None, None, SAMPLE_STRIDE)
+    sample = _sum_rows(log_p, columns, step)
+    if mask is not None:
+        sample[~mask[step]] = -np.inf
+    t = float(np.partition(sample, len(sample) - n)[len(sample) - n])
+    if not (np.isfinite(t) and t < 0):
+        return None
+    t16 = np.float16(t)
+    if float(t16) > t:  # round down, so that every value ≥ t is ≥ t16
+        t16 = np.nextafter(t16, np.float16(-np.inf))
+    bound = t16.view(np.uint16)  # negative float16: value ≥ t16 ⇔ pattern ≤ bound (and 0, +0 ≤ bound too)
+    bits = log_p.view(np.uint16)
+    order = sorted(dict.fromkeys(columns), key=lambda c: int(np.count_nonzero(bits[c, step] <= bound)))
+    kept = np.ones(len(sample), bool)
+    for c in order:
+        kept &= bits[c, step] <= bound
+    if np.count_nonzero(kept) * SAMPLE_STRIDE > log_p.shape[1] // CANDIDATES_AT_MOST:
+        return None  # a weak bound (common tags beside rare ones): summing every image is faster than gathers
+    rows = np.flatnonzero(bits[order[0]] <= bound)
+    for c in order[1:]:
+        rows = rows[bits[c, rows] <= bound]
+    if mask is not None:
+        rows = rows[mask[rows]]
+    return rows
 
 
 # --- the measured alternative: int8 codes --------------------------------------------------------

@@ -193,12 +193,8 @@ class ShardGroup:
         for shard in self.shards:
             if not len(shard):
                 continue
-            total = layout.and_scores(shard.log_p, columns)
-            mask = self._mask(shard, filters, deleted)
-            if mask is not None:
-                total[~mask] = -np.inf
-            top = layout.top_rows(total, n)
-            hits.append([shard.hit(int(i), float(np.exp(np.float64(total[i])))) for i in top])
+            top, sums = layout.top_and(shard.log_p, columns, n, self._mask(shard, filters, deleted))
+            hits.append([shard.hit(int(i), float(np.exp(np.float64(s)))) for i, s in zip(top, sums, strict=True)])
         out = merge_hits(hits, n)
         return [h for h in out if h.score >= min_score] if min_score is not None else out
 
