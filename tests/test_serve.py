@@ -530,3 +530,62 @@ def test_feedback_is_validated_stored_before_the_answer_and_survives_a_killed_re
     assert model["model"] == "model_feedback" and model["feedback"]
     assert post({"verdicts": [one]}).status_code == 200  # the new model takes verdicts too
 
+
+
+@pytest.mark.integration
+def test_this_weeks_photos_featurized_beside_the_app_appended_and_served_without_a_redeploy(app, tmp_path):
+    """"Add this week's photos" end to end (issue 15): the manifest grows by 12 rendered photos;
+    `tagray featurize` of it, beside the running app (which holds all but about half a CPU of
+    the session's 2), featurises only those 12; `tagray index --append` adds them as a new
+    shard; the running app serves them within index_refresh_s, without a redeploy."""
+    import shutil
+
+    import pyarrow as pa
+
+    from tagray.data import schema
+    from tagray.data.synth import SynthConfig, synthesize
+    from tagray.heads.models import load_model
+    from tests.serving import actor_pid, cli
+
+    out = app["out"]
+    features, index_dir = tmp_path / "features", tmp_path / "index"
+    shutil.copytree(out / "features", features)  # copies: the session's demo outputs stay as they are
+    shutil.copytree(out / "index_rlr", index_dir)
+    old = schema.read_manifest(str(out / "manifest_split.parquet"))
+    week = schema.read_manifest(synthesize(SynthConfig(images=12, seed=77, render_batch=12, render_cpus=0.25),
+                                           str(tmp_path / "week"))["manifest"])
+    new_ids = [f"week-{i:03d}" for i in range(12)]
+    week = week.set_column(0, "image_id", pa.array(new_ids))
+    cols = ["image_id", "user_id", "uri", "tags"]
+    grown = str(tmp_path / "manifest.parquet")
+    schema.write_manifest(pa.concat_tables([old.select(cols), week.select(cols)]), grown)
+    deploy(app, {**app["args"], "index": str(index_dir)})
+    before = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
+    ingress = actor_pid("Ingress")
+
+    demo = json.loads((out / "features" / "summary.json").read_text())["config"]  # the demo's backbone
+    cli("featurize", "--manifest", grown, "--out", str(features), "--backbone", demo["backbone"],
+        "--weights", demo["weights"], "actor_cpus=0.25", "decode_cpus=0.1", "write_cpus=0.1", "resources_wait_s=120")
+    summary = json.loads((features / "summary.json").read_text())
+    assert (summary["already_done"], summary["featurized"], summary["errors"]) == (old.num_rows, 12, 0)
+    cli("index", "--model", app["args"]["model"], "--features", str(features), "--manifest", grown, "--append",
+        "--out", str(index_dir), "--worker-cpus", "0.2")
+
+    def appended():
+        info = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
+        return info["version"] > before["version"] and info
+    after = wait_for(appended, "the appended index version on /v1/model", timeout=120)
+    assert after["shards"] == before["shards"] + 1 and actor_pid("Ingress") == ingress  # no redeploy
+    tag = load_model(app["args"]["model"]).vocab.tags[0]
+
+    def searchers_loaded():  # the Ingress knows the new shard first; the Searcher loads it within its refresh
+        return not requests.get(f"{app['url']}v1/search", params={"q": tag, "k": 1}, timeout=30).json()["partial"]
+    wait_for(searchers_loaded, "the Searcher serving the appended shard", timeout=120)
+    found: list[str] = []
+    for offset in range(0, old.num_rows + 12, 100):  # every image ranks for a one-tag query: page through all
+        r = requests.get(f"{app['url']}v1/search", params={"q": tag, "k": 100, "offset": offset}, timeout=30)
+        assert r.status_code == 200 and not r.json()["partial"], r.text
+        found += [i["image_id"] for i in r.json()["images"]]
+    assert len(found) == old.num_rows + 12 and set(new_ids) <= set(found)
+    r = requests.post(f"{app['url']}v1/similar", json={"image_id": new_ids[0], "k": 5}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["images"]) == 5, r.text

@@ -9,8 +9,6 @@ headless Chromium."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import signal
@@ -24,20 +22,9 @@ import pytest
 import requests
 
 from tagray.data import storage
-from tests.serving import deploy, error_of, wait_for
+from tests.serving import cli, deploy, error_of, wait_for
 
 LOW = {"searcher_cpus": 0.1}  # four groups, the Tagger and the Ingress leave room for index builders
-
-
-def cli(*argv: str) -> str:
-    """`tagray ARGV…` in this process; its stdout (a failure fails the test)."""
-    from tagray import cli as tagray
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = tagray.main(list(argv))
-    assert rc == 0, (argv, buf.getvalue()[-2000:])
-    return buf.getvalue()
 
 
 def index(*argv: str) -> str:

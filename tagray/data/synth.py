@@ -72,6 +72,7 @@ class SynthConfig:
     image_size: int = 128  # rendered JPEG side in pixels
     jpeg_quality: int = 90
     render_batch: int = 200  # images per Ray rendering task
+    render_cpus: float = 1.0  # CPUs each rendering task reserves (less renders beside an app holding the others)
     feature_dim: int = 512  # features_only: dimension D
     feature_noise: float = 0.8  # features_only: noise norm relative to one concept's direction
 
@@ -96,6 +97,8 @@ class SynthConfig:
             raise ConfigError("popularity_zipf, pi_spread, free_tags_mean and feature_noise must be ≥ 0")
         if min(self.event_pool, self.render_batch, self.feature_dim) < 1 or self.groups_per_concept < 0:
             raise ConfigError("need event_pool, render_batch, feature_dim ≥ 1 and groups_per_concept ≥ 0")
+        if not self.render_cpus > 0:
+            raise ConfigError(f"render_cpus must be > 0, got {self.render_cpus}")
         if self.image_size < 8 or not 1 <= self.jpeg_quality <= 95:
             raise ConfigError(f"need image_size ≥ 8 pixels and jpeg_quality in [1, 95], got {self.image_size}, "
                               f"{self.jpeg_quality}")
@@ -348,7 +351,7 @@ def render_images(corpus: Corpus, cfg: SynthConfig, endpoint_url: str | None = N
     offsets = np.searchsorted(corpus.label_rows, np.arange(n + 1))
     concept_lists = [corpus.label_cols[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]
     uris = corpus.manifest.column("uri").to_pylist()
-    task = ray.remote(_render_chunk).options(num_cpus=1)
+    task = ray.remote(_render_chunk).options(num_cpus=cfg.render_cpus)
     sigs = ray.put(corpus.signatures)
     pending = [
         task.remote(s, concept_lists[s : s + cfg.render_batch], uris[s : s + cfg.render_batch], sigs, cfg, endpoint_url)
