@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import time
 
 import requests
@@ -68,14 +66,3 @@ def deploy(app: dict, args: dict) -> None:
     app["running"] = None  # unknown until this deploy has succeeded
     serve.run(build_app(args), name="tagray", route_prefix="/")
     app["running"] = dict(args)
-
-
-def cli(*argv: str) -> str:
-    """`tagray ARGV…` in this process; its stdout (a failure fails the test)."""
-    from tagray import cli as tagray
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = tagray.main(list(argv))
-    assert rc == 0, (argv, buf.getvalue()[-2000:])
-    return buf.getvalue()

@@ -5,8 +5,6 @@ import → split → stats (no Ray needed)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -16,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tagray import cli
 from tagray.data import schema
 from tagray.data.schema import read_manifest
+from tests.commands import cli
 from tests.test_import_folder import EXIFTOOL, exiftool
 from tests.test_import_layouts import CONCEPTS, jpeg, mirflickr, nuswide, yfcc_row
 
@@ -27,27 +25,18 @@ FEATURIZE = ["--backbone", "resnet18", "--weights", "random", "--actors", "1", "
 TRAIN = ["epochs=3", "lr=0.05", "worker_cpus=0.5", "checkpoint_every=10", "batch_size=16"]
 
 
-def _run(*argv: str) -> str:
-    """`tagray <argv>` through cli.main; returns its stdout, asserts exit 0."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(list(argv))
-    assert rc == 0, (argv, buf.getvalue()[-2000:])
-    return buf.getvalue()
-
-
 def _train_evaluate(manifest: str, features: str, tmp: Path, *endpoint: str) -> dict:
-    _run("train", "--head", "lr", "--manifest", manifest, "--features", features, "--out", str(tmp / "model"),
+    cli("train", "--head", "lr", "--manifest", manifest, "--features", features, "--out", str(tmp / "model"),
          *endpoint, *TRAIN)
     report = tmp / "report.json"
-    _run("evaluate", "--model", str(tmp / "model"), "--manifest", manifest, "--features", features,
+    cli("evaluate", "--model", str(tmp / "model"), "--manifest", manifest, "--features", features,
          "--out", str(report), *endpoint)
     return json.loads(report.read_text())
 
 
 def _stats(manifest: str, tmp: Path, *endpoint: str) -> dict:
     # stats' --out is local: `tagray stats` writes its outputs without the endpoint (see report)
-    _run("stats", "--manifest", manifest, "--out", str(tmp / "stats"), *endpoint)
+    cli("stats", "--manifest", manifest, "--out", str(tmp / "stats"), *endpoint)
     return json.loads((tmp / "stats" / "stats.json").read_text())
 
 
@@ -78,9 +67,9 @@ def test_mirflickr_on_s3_end_to_end(ray_local, s3_bucket, tmp_path):
         if f.is_file():
             client.upload_file(str(f), bucket, "mir/" + f.relative_to(tmp_path / "mir").as_posix())
     s3 = f"s3://{bucket}"
-    out = _run("import", "mirflickr", f"{s3}/mir", "--out", f"{s3}/manifest.parquet", *ep)
+    out = cli("import", "mirflickr", f"{s3}/mir", "--out", f"{s3}/manifest.parquet", *ep)
     assert out.startswith("imported 60 images from mirflickr")
-    _run("split", "--manifest", f"{s3}/manifest.parquet", "--out", f"{s3}/split.parquet", *ep,
+    cli("split", "--manifest", f"{s3}/manifest.parquet", "--out", f"{s3}/split.parquet", *ep,
          "train=0.6", "val=0.2", "test=0.2")
     m = read_manifest(f"{s3}/split.parquet", endpoint_url=endpoint)
     assert m.column("uri")[0].as_py() == f"{s3}/mir/im1.jpg" and len(m.column("user_id").unique()) == 12
@@ -88,7 +77,7 @@ def test_mirflickr_on_s3_end_to_end(ray_local, s3_bucket, tmp_path):
     # The fixture tags a present concept with probability 0.7 (plurals and Title Case merged
     # by the normaliser): labels and tags line up only if both were imported per image.
     assert 0.55 < stats["labels"]["overall_tagging_likelihood"] < 0.85
-    _run("featurize", "--manifest", f"{s3}/split.parquet", "--out", f"{s3}/features", *ep, *FEATURIZE)
+    cli("featurize", "--manifest", f"{s3}/split.parquet", "--out", f"{s3}/features", *ep, *FEATURIZE)
     summary = json.loads(client.get_object(Bucket=bucket, Key="features/summary.json")["Body"].read())
     assert summary["featurized"] == 60 and summary["errors"] == 0  # every JPEG fetched from S3
     report = _train_evaluate(f"{s3}/split.parquet", f"{s3}/features", tmp_path, *ep)
@@ -110,12 +99,12 @@ def test_folder_local_end_to_end(ray_local, tmp_path):
     for word, paths in by_word.items():  # one exiftool run per keyword set
         exiftool(paths, f"-XMP-dc:Subject={word}", "-XMP-lr:HierarchicalSubject=Trips|Holiday")
     manifest = str(tmp_path / "manifest.parquet")
-    _run("import", "folder", str(lib), "--out", manifest)
+    cli("import", "folder", str(lib), "--out", manifest)
     split = str(tmp_path / "split.parquet")
-    _run("split", "--manifest", manifest, "--out", split, "train=0.5", "val=0.25", "test=0.25")
+    cli("split", "--manifest", manifest, "--out", split, "train=0.5", "val=0.25", "test=0.25")
     stats = _stats(split, tmp_path)
     assert stats["images"] == 48 and {t["tag"] for t in stats["top_tags"]} >= {*CONCEPTS, "holiday"}
-    _run("featurize", "--manifest", split, "--out", str(tmp_path / "features"), *FEATURIZE)
+    cli("featurize", "--manifest", split, "--out", str(tmp_path / "features"), *FEATURIZE)
     report = _train_evaluate(split, str(tmp_path / "features"), tmp_path)
     assert report["tag_prediction"]["precision@5"] > 0
 
@@ -124,7 +113,7 @@ def test_folder_local_end_to_end(ray_local, tmp_path):
 def test_nuswide_official_split_to_evaluation(ray_local, tmp_path):
     nuswide(tmp_path / "nus", n=90)
     nus = str(tmp_path / "nus.parquet")
-    _run("import", "nuswide", str(tmp_path / "nus"), "--out", nus, "--val", "0.3")  # official test kept
+    cli("import", "nuswide", str(tmp_path / "nus"), "--out", nus, "--val", "0.3")  # official test kept
     assert set(read_manifest(nus).column("split").to_pylist()) == {"train", "val", "test"}
     assert _stats(nus, tmp_path)["labels"]["overall_tagging_likelihood"] > 0.5
     report = _train_evaluate(nus, _latent_features(nus, tmp_path / "features.parquet"), tmp_path)
@@ -136,9 +125,9 @@ def test_yfcc_import_split_stats(tmp_path):
         for i in range(200):
             f.write(yfcc_row(i, [CONCEPTS[i % 4], "new york"], f"{i % 20}@N00", video=i % 10 == 0) + "\n")
     yfcc = str(tmp_path / "yfcc.parquet")
-    _run("import", "yfcc100m", str(tmp_path / "yfcc.tsv"), "--out", yfcc)
+    cli("import", "yfcc100m", str(tmp_path / "yfcc.tsv"), "--out", yfcc)
     split = str(tmp_path / "split.parquet")
-    _run("split", "--manifest", yfcc, "--out", split)
+    cli("split", "--manifest", yfcc, "--out", split)
     assert set(read_manifest(split).column("split").to_pylist()) == {"train", "val", "test"}
     stats = _stats(split, tmp_path)
     assert stats["images"] == 180 and "new york" in {t["tag"] for t in stats["top_tags"]}

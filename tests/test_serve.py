@@ -545,7 +545,8 @@ def test_this_weeks_photos_featurized_beside_the_app_appended_and_served_without
     from tagray.data import schema
     from tagray.data.synth import SynthConfig, synthesize
     from tagray.heads.models import load_model
-    from tests.serving import actor_pid, cli
+    from tests.commands import cli
+    from tests.serving import actor_pid
 
     out = app["out"]
     features, index_dir = tmp_path / "features", tmp_path / "index"

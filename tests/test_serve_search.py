@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from tagray.data import storage
-from tests.serving import cli, deploy, error_of, wait_for
+from tests.commands import cli
+from tests.serving import deploy, error_of, wait_for
 
 LOW = {"searcher_cpus": 0.1}  # four groups, the Tagger and the Ingress leave room for index builders
 
