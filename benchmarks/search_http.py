@@ -81,13 +81,14 @@ def make_embed(directory: str, rlr_dir: str, dim: int, word_dim: int = 32) -> st
 
 
 def build(model: str, features: str, manifest: str | None, out: str, shards: int, factory: str = "flat",
-          similar: bool = False) -> dict:
+          similar: bool = False, nprobe: int = 16) -> dict:
     from tagray.heads.models import load_image_tagger
     from tagray.index.build import IndexBuildConfig, build_index
 
     t0 = time.perf_counter()
     summary = build_index(load_image_tagger(model), model, features, out, manifest,
-                          IndexBuildConfig(shards=shards, factory=factory, similar=similar, train_sample=50_000))
+                          IndexBuildConfig(shards=shards, factory=factory, similar=similar, train_sample=50_000,
+                                                   nprobe=nprobe))
     workers = summary.get("workers") or [{}]
     return {"seconds": time.perf_counter() - t0, "workers_peak_rss_mb": max(w.get("peak_rss_mb", 0) for w in workers),
             **{k: v for k, v in summary.items() if not isinstance(v, list | dict)}}
@@ -116,7 +117,8 @@ def timed(fn, queries: list, warmup: int = 20) -> tuple[dict, list]:
         ms.append(1000 * (time.perf_counter() - t))
     wall = time.perf_counter() - t0
     return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "qps": round(len(queries) / wall, 1)}, answers
+            "qps": round(len(queries) / wall, 1), "slowest_ms": [round(x, 1) for x in sorted(ms)[-5:]],
+            "slowest_at": sorted(range(len(ms)), key=ms.__getitem__)[-5:]}, answers
 
 
 def get_search(url: str):
@@ -160,6 +162,8 @@ def main() -> None:
     p.add_argument("--no-legacy", action="store_true", help="skip the previous single-directory baseline")
     p.add_argument("--embed", action="store_true", help="also the embed head: flat vs IVF-PQ")
     p.add_argument("--ivfpq", default="IVF1024,PQ16")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query (the IVF-PQ index)")
+    p.add_argument("--no-tags", action="store_true", help="skip the tag searches (with --embed: the embed index only)")
     p.add_argument("--port", type=int, default=8312)
     p.add_argument("--workdir", default=None, help="keep the corpus and indexes here (default: a temporary dir)")
     p.add_argument("--reuse", default=None, metavar="DIR",
@@ -209,26 +213,27 @@ def main() -> None:
         queries = {n: [",".join(rng.choice(pool, n, replace=False)) for _ in range(args.queries)] for n in (1, 2, 3)}
         answers: dict = {}
         result["search"] = {}
-        for name, index in indexes.items():
+        for name, index in ({} if args.no_tags else indexes).items():
             url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus)
             rows = {}
             for n, qs in queries.items():
                 rows[f"{n}_tag"], answers[(name, n)] = timed(get_search(url), qs)
                 print(f"search {name} {n}-tag: {rows[f'{n}_tag']}", flush=True)
             result["search"][name] = rows
-        first = next(iter(indexes))
-        result["same_answers"] = all(answers[(name, n)] == answers[(first, n)] for name in indexes for n in queries)
-        print(f"same answers across {list(indexes)}: {result['same_answers']}", flush=True)
+        if answers:
+            first = next(iter(indexes))
+            result["same_answers"] = all(answers[(name, n)] == answers[(first, n)] for name in indexes for n in queries)
+            print(f"same answers across {list(indexes)}: {result['same_answers']}", flush=True)
 
         if args.embed:
             embed = make_embed(f"{work}/embed", model, args.dim)
             result["embed"] = {}
             ids = None
-            hits = {}
+            hits, found = {}, {}
             for factory in ("flat", args.ivfpq):
                 out = f"{work}/embed_{factory.replace(',', '_')}"
                 serve.shutdown()  # the builders need the CPUs the app's replicas hold
-                build_summary = build(embed, written["features"], None, out, 4, factory=factory)
+                build_summary = build(embed, written["features"], None, out, 4, factory=factory, nprobe=args.nprobe)
                 url = deploy({"model": embed, "index": out}, args.port, args.searcher_cpus)
                 if ids is None:
                     from tagray.index import open_index
@@ -236,7 +241,7 @@ def main() -> None:
                     all_ids = open_index(out).image_ids().to_pylist()
                     ids = [all_ids[i] for i in rng.choice(len(all_ids), args.queries, replace=False)]
                 words = [",".join(rng.choice(pool, 2, replace=False)) for _ in range(args.queries)]
-                search_row, _ = timed(get_search(url), words)
+                search_row, found[factory] = timed(get_search(url), words)
                 similar_row, hits[factory] = timed(post_similar(url), ids)
                 result["embed"][factory] = {"build": build_summary, "search_2_words": search_row,
                                             "similar": similar_row,
@@ -246,6 +251,10 @@ def main() -> None:
             approx = hits[args.ivfpq]
             result["embed"][args.ivfpq]["recall_at_20_similar"] = float(np.mean(
                 [len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(approx, exact, strict=True)]))
+            result["embed"][args.ivfpq]["recall_at_20_search_2_words"] = float(np.mean(
+                [len({i for i, _ in a} & {i for i, _ in e}) / max(1, len(e))
+                 for a, e in zip(found[args.ivfpq], found["flat"], strict=True)]))
+            result["embed"][args.ivfpq]["nprobe"] = args.nprobe
         serve.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -47,22 +47,45 @@ def test_top_rows_is_the_exact_top_n_with_ties_broken_by_lower_index():
         assert layout.top_rows(total, n).tolist() == want
 
 
-def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_zeros(monkeypatch):
-    """top_and's candidates (tags' float16 patterns against a sampled bound) and top_rows' sampled
-    threshold give exactly the rows and sums of summing and ranking every image, on shards big
-    enough to take those paths: rare and common tags, many ties, zeros (+0 and −0), masks."""
+def test_a_float16_pattern_shifted_into_float32_is_its_magnitude_scaled_by_2_to_the_minus_80():
+    """_scan's premise, for every float16 x ≤ 0: bits << 13 read as float32 is |x|·2⁻⁸⁰ exactly for
+    normal x and +0, and above it by at most 2⁻¹⁵ (unscaled) for subnormals and −0."""
+    patterns = np.concatenate([np.arange(0x8000, 0xFC00, dtype=np.uint16), np.zeros(1, np.uint16)])  # −0 … −65504, +0
+    x = patterns.view(np.float16).astype(np.float64)
+    got = (patterns.astype(np.uint32) << 13).view(np.float32).astype(np.float64) / 2.0**-80
+    normal = (np.abs(x) >= 2.0**-14) | (patterns == 0)
+    assert np.array_equal(got[normal], np.abs(x[normal]))
+    over = got[~normal] - np.abs(x[~normal])
+    assert over.min() > 0 and over.max() <= 2.0**-15 and (~normal).sum() == 1024  # the 1023 subnormals and −0
+
+
+@pytest.mark.parametrize("path", ["candidates", "scan"])
+def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_zeros(monkeypatch, path):
+    """top_and's bound from a sample, its candidates (tag by tag: float16 patterns against the
+    bound; or `_scan`'s bound on every sum) and top_rows' sampled threshold give exactly the rows
+    and sums of summing and ranking every image, on shards big enough to take those paths: rare
+    and common tags, many ties, zeros (+0 and −0), subnormals, masks."""
     monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)  # the sampled paths on small arrays too
+    monkeypatch.setattr(layout, "SAMPLE_BLOCK", 8)  # samples spread over the small arrays
+    monkeypatch.setattr(layout, "SCAN_CHUNK", 4096)  # several chunks, the last one short
     monkeypatch.setattr(layout, "CANDIDATES_AT_MOST", 1)  # candidates however many the bound keeps
     rng = np.random.default_rng(3)
-    took = {"candidates": 0, "all": 0}
-    real = layout._candidates
+    took = {"sampled": 0, "scanned": 0}
+    bound, scan = layout._sampled_bound, layout._scan
 
-    def counting(*a):
-        out = real(*a)
-        took["all" if out is None else "candidates"] += 1
+    def counting_bound(*a):
+        out = bound(*a)
+        took["sampled"] += out is not None
         return out
 
-    monkeypatch.setattr(layout, "_candidates", counting)
+    def counting_scan(*a):
+        took["scanned"] += 1
+        return scan(*a)
+
+    monkeypatch.setattr(layout, "_sampled_bound", counting_bound)
+    monkeypatch.setattr(layout, "_scan", counting_scan)
+    if path == "scan":
+        monkeypatch.setattr(layout, "_candidates", lambda *a: None)
     for trial in range(90):
         n_img, tags = int(rng.integers(5_000, 40_000)), 6
         scale = rng.choice([0.5, 4.0, 20.0], tags)  # near-certain, mid and rare tags
@@ -80,6 +103,7 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
         log_p[:, rng.random(n_img) < 0.05] = np.float16(-2.0)  # ties across tags
         log_p[0, rng.random(n_img) < 0.01] = np.float16(-0.0)
         log_p[1, rng.random(n_img) < 0.01] = np.float16(0.0)
+        log_p[2, rng.random(n_img) < 0.01] = np.float16(-3e-6)  # subnormal
         cols = [int(c) for c in rng.choice(tags, int(rng.integers(1, 4)), replace=trial % 7 == 0)]
         mask = rng.random(n_img) < rng.choice([0.01, 0.03, 0.5, 1.0]) if trial % 3 else None
         total = layout.and_scores(log_p, cols)
@@ -89,8 +113,33 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
         rows, sums = layout.top_and(log_p, cols, n, mask)
         assert rows.tolist() == want, (trial, cols, n)
         assert np.array_equal(sums, total[want])
+        threaded = layout.top_and(log_p, cols, n, mask, threads=3)  # the scan split in contiguous parts
+        assert threaded[0].tolist() == want and np.array_equal(threaded[1], sums)
         assert layout.top_rows(total, n).tolist() == want
-    assert took["candidates"] > 10 and took["all"] > 0  # both paths of top_and were exercised
+    assert took["sampled"] > 30  # the sampled bound was taken, not summing every image
+    assert (took["scanned"] >= took["sampled"]) if path == "scan" else (took["scanned"] < took["sampled"] / 2)
+
+
+@pytest.mark.parametrize("path", ["candidates", "scan"])
+@pytest.mark.parametrize("cols", [[0, 1], [2, 1], [1, 0, 2]])
+def test_top_and_keeps_the_image_whose_sum_is_exactly_the_bound_with_minus_zero_and_subnormals(monkeypatch, path, cols):
+    """The top n lie in the sample and the n-th of them sums exactly to the bound, through −0 and a
+    subnormal (values _scan's shift makes larger in magnitude): it must still be found."""
+    monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)
+    monkeypatch.setattr(layout, "SAMPLE_BLOCK", 8)
+    if path == "scan":
+        monkeypatch.setattr(layout, "_candidates", lambda *a: None)
+    n_img, n = 20_000, 12
+    levels = np.full((n_img, 3), -8.0)
+    top = layout._sampled(np.arange(n_img))[:n]
+    levels[top[:-1]] = -0.05 * np.arange(1, n)[:, None]  # distinct, all above the last one's sum
+    log_p = layout.to_layout(levels)
+    log_p[:, top[-1]] = np.array([-0.0, -2.0, -3e-6], np.float16)  # −0, −2, a subnormal
+    total = layout.and_scores(log_p, cols)
+    want = [int(i) for i in np.lexsort((np.arange(n_img), -total))[:n]]
+    assert want[-1] == top[-1]
+    rows, sums = layout.top_and(log_p, cols, n)
+    assert rows.tolist() == want and np.array_equal(sums, total[want])
 
 
 def test_split_runs_cuts_selected_rows_into_contiguous_near_equal_parts():

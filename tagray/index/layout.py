@@ -14,6 +14,8 @@ range, 1 byte per image per tag), is not exact: `quantisation_loss` measures wha
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 LOG_P_MIN = -60.0  # log P(z=1|x) is clipped here (P < 1e-26 ranks as 1e-26)
@@ -39,15 +41,14 @@ def top_rows(total: np.ndarray, n: int) -> np.ndarray:
     broken by the lower index, i.e. the lower global row within a shard).
 
     Above SAMPLED_ABOVE values it first keeps the candidates ≥ t, where t is the n-th largest of
-    a strided sample (every SAMPLE_STRIDE-th value). A sample's n-th largest is at most the whole
+    a sample (`_sampled`: ~1/SAMPLE_STRIDE of the values). A sample's n-th largest is at most the whole
     array's, so every one of the top n (and every tie at the cut) is a candidate: the answer is
     the same, from one comparison pass and a partition of ~n·SAMPLE_STRIDE candidates instead of
     a partition of all the values (BENCHMARKS, *Search over HTTP, sharded*)."""
     size = len(total)
     if n <= 0 or size == 0:
         return np.zeros(0, np.int64)
-    if size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size:
-        sample = total[::SAMPLE_STRIDE]
+    if size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size and len(sample := _sampled(total)) >= n:
         t = np.partition(sample, len(sample) - n)[len(sample) - n]
         if np.isfinite(t):
             cand = np.flatnonzero(total >= t)  # NaN and −inf fall out: t is finite
@@ -56,8 +57,18 @@ def top_rows(total: np.ndarray, n: int) -> np.ndarray:
 
 
 SAMPLED_ABOVE = 1 << 16  # arrays longer than this take top_rows' sampled threshold first
-SAMPLE_STRIDE = 64
-CANDIDATES_AT_MOST = 16  # top_and gathers candidates only when the sample says ≤ 1/16 of the images are
+SAMPLE_STRIDE = 64  # the samples hold one block of SAMPLE_BLOCK images in every SAMPLE_STRIDE blocks
+SAMPLE_BLOCK = 1024  # contiguous, so that a sample reads whole cache lines (a stride of 64 read one value per line)
+
+
+def _sampled(row: np.ndarray) -> np.ndarray:
+    """A subset of a 1-D array's values: blocks 0, S, 2S, … of SAMPLE_BLOCK values (S =
+    SAMPLE_STRIDE), ~1/S of them. Any subset's n-th largest is at most the whole array's, so
+    this is a valid bound whatever the order of the images; spread over the array so that it
+    is a tight one when the order is not random."""
+    blocks = len(row) // SAMPLE_BLOCK
+    return row[: blocks * SAMPLE_BLOCK].reshape(blocks, SAMPLE_BLOCK)[::SAMPLE_STRIDE].ravel()
+CANDIDATES_AT_MOST = 64  # _candidates gathers only when the sample says ≤ 1/64 of the images pass; else _scan
 
 
 def _exact_top(total: np.ndarray, n: int) -> np.ndarray:
@@ -78,22 +89,26 @@ def _exact_top(total: np.ndarray, n: int) -> np.ndarray:
     return cand[order]
 
 
-def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None = None
+def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None = None, threads: int = 1
             ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, Σ_j log P of those rows): the exact top n of `and_scores(log_p, columns)` among the
     rows `mask` keeps (None: all), in `top_rows`' order, with the same float32 sums.
 
     Every log P is ≤ 0, so an image whose sum reaches t has every one of its m values ≥ t. With t
     the n-th largest sum of a strided sample of the images (at most the n-th largest of all of
-    them), the candidates are the images whose values are all ≥ t: found by comparing the float16
-    bit patterns with t's as integers (for values ≤ 0 a larger pattern is a more negative value),
-    tag by tag, the most selective tag of the sample first. Only the candidates are summed and
-    ranked; the others cannot be in the top n, so the answer equals summing every image (tests/
-    test_index_shards.py). On 10M images that is one integer pass over one row instead of m
-    float16 → float32 passes and a partition of all the sums (BENCHMARKS, *Search over HTTP*)."""
+    them: `_sampled_bound`), only images whose sum can reach t are summed exactly and ranked; the
+    others cannot be in the top n, so the answer equals summing every image (tests/
+    test_index_shards.py). Those images are found either tag by tag (`_candidates`: each value ≥ t,
+    by comparing float16 bit patterns as integers — one integer pass when a tag is selective), or,
+    when no tag is (common tags, narrow ranges), by `_scan`: a bound on every image's sum from the
+    float16 patterns shifted into float32 magnitudes, two integer and float passes per tag instead
+    of numpy's float16 cast, split over `threads` (BENCHMARKS, *Search over HTTP, sharded*)."""
     size = log_p.shape[1] if log_p.ndim == 2 else 0
     if (log_p.dtype == np.float16 and size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size
-            and (found := _candidates(log_p, columns, n, mask)) is not None):
+            and (t := _sampled_bound(log_p, columns, n, mask)) is not None):
+        found = _candidates(log_p, columns, t, mask)
+        if found is None:
+            found = _scan(log_p, columns, t, mask, threads)
         total = _sum_rows(log_p, columns, found)
         local = _exact_top(total, n)
         return found[local], total[local]
@@ -112,33 +127,99 @@ def _sum_rows(log_p: np.ndarray, columns: list[int], rows: np.ndarray | slice) -
     return total
 
 
-def _candidates(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None) -> np.ndarray | None:
-    """The rows (ascending) whose every value in `columns` is ≥ the sample's n-th largest sum;
-    None when the sample gives no usable bound (then the caller sums every image)."""
-    step = slice(None, None, SAMPLE_STRIDE)
-    sample = _sum_rows(log_p, columns, step)
+def _sampled_bound(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None) -> float | None:
+    """The n-th largest sum of a sample of the images (`_sampled`; masked ones out): every image of the
+    top n sums to at least this. None when it is no usable bound (fewer than n sampled, or 0)."""
+    sample = _sampled(log_p[columns[0]]).astype(np.float32)
+    for c in columns[1:]:
+        sample += _sampled(log_p[c])
     if mask is not None:
-        sample[~mask[step]] = -np.inf
-    t = float(np.partition(sample, len(sample) - n)[len(sample) - n])
-    if not (np.isfinite(t) and t < 0):
+        sample[~_sampled(mask)] = -np.inf
+    if len(sample) < n:
         return None
+    t = float(np.partition(sample, len(sample) - n)[len(sample) - n])
+    return t if np.isfinite(t) and t < 0 else None
+
+
+def _candidates(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | None) -> np.ndarray | None:
+    """The rows (ascending) whose every value in `columns` is ≥ t; None when the tags are not
+    selective enough (the sample keeps more than 1/CANDIDATES_AT_MOST of the images: `_scan`
+    is then faster than gathering them)."""
     t16 = np.float16(t)
     if float(t16) > t:  # round down, so that every value ≥ t is ≥ t16
         t16 = np.nextafter(t16, np.float16(-np.inf))
     bound = t16.view(np.uint16)  # negative float16: value ≥ t16 ⇔ pattern ≤ bound (and 0, +0 ≤ bound too)
     bits = log_p.view(np.uint16)
-    order = sorted(dict.fromkeys(columns), key=lambda c: int(np.count_nonzero(bits[c, step] <= bound)))
-    kept = np.ones(len(sample), bool)
-    for c in order:
-        kept &= bits[c, step] <= bound
-    if np.count_nonzero(kept) * SAMPLE_STRIDE > log_p.shape[1] // CANDIDATES_AT_MOST:
-        return None  # a weak bound (common tags beside rare ones): summing every image is faster than gathers
+    passes = {c: _sampled(bits[c]) <= bound for c in dict.fromkeys(columns)}
+    order = sorted(passes, key=lambda c: int(np.count_nonzero(passes[c])))  # the most selective tag first
+    kept = np.logical_and.reduce([passes[c] for c in order])
+    if np.count_nonzero(kept) * CANDIDATES_AT_MOST > len(kept):
+        return None
     rows = np.flatnonzero(bits[order[0]] <= bound)
     for c in order[1:]:
         rows = rows[bits[c, rows] <= bound]
     if mask is not None:
         rows = rows[mask[rows]]
     return rows
+
+
+SCAN_CHUNK = 1 << 18  # images per pass of _scan: its two work arrays (1 MiB each) stay in cache
+_MAGNITUDE = 2.0**-80  # a float16 pattern of x ≤ 0, shifted left 13, is the float32 |x|·2⁻⁸⁰
+
+
+def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | None, threads: int = 1) -> np.ndarray:
+    """The rows (ascending) whose sum over `columns` can reach t (a superset of those that do),
+    chunk by chunk without numpy's float16 → float32 cast; `threads` > 1 scans that many
+    contiguous parts at once (numpy releases the GIL in these loops).
+
+    For x ≤ 0 stored as float16 with bits h, the float32 with bits h << 13 is exactly |x|·2⁻⁸⁰
+    (the sign bit lands on the exponent's bit 5: exponent e + 32 = (e − 15) + 127 − 80), and a
+    power-of-two scale leaves float32 rounding unchanged, so Σ_j of those equals −and_scores·2⁻⁸⁰
+    for normal values. Subnormals and −0 come out larger by at most 2⁻¹⁵ in |x| each: the bound
+    adds m·2⁻¹⁴ (m = len(columns)) and a relative m·2⁻²⁰ for rounding, so no image with a sum ≥ t
+    is left out; the caller sums the candidates exactly."""
+    bits = log_p.view(np.uint16)
+    size, m = bits.shape[1], len(columns)
+    limit = np.float32((-t * (1 + m * 2.0**-20) + m * 2.0**-14) * _MAGNITUDE)
+    limit = np.nextafter(limit, np.float32(np.inf))
+    chunk = min(SCAN_CHUNK, size)
+
+    def part(lo: int, hi: int) -> list[np.ndarray]:
+        word, acc = np.empty(chunk, np.uint32), np.empty(chunk, np.float32)
+        found = []
+        for start in range(lo, hi, chunk):
+            stop = min(hi, start + chunk)
+            w, a = word[: stop - start], acc[: stop - start]
+            for j, c in enumerate(columns):
+                np.left_shift(bits[c, start:stop], 13, out=w, dtype=np.uint32, casting="unsafe")
+                if j:
+                    a += w.view(np.float32)
+                else:
+                    np.copyto(a, w.view(np.float32))
+            local = np.flatnonzero(a <= limit)
+            if mask is not None:
+                local = local[mask[start + local]]
+            found.append(local + start)
+        return found
+
+    chunks = -(-size // chunk)
+    parts = min(max(1, threads), chunks)
+    edges = [size * i // parts // chunk * chunk for i in range(parts)] + [size]
+    if parts == 1:
+        found = part(0, size)
+    else:
+        found = [f for got in _pool(parts).map(part, edges[:-1], edges[1:]) for f in got]
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per thread count, kept for the process (a Searcher scans with the same count)."""
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tagray-scan")
+    return _POOLS[threads]
 
 
 # --- the measured alternative: int8 codes --------------------------------------------------------

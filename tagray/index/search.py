@@ -113,9 +113,11 @@ def _load_shard(info: fmt.IndexInfo, name: str) -> _Shard:
 
 
 class ShardGroup:
-    """What one Searcher replica holds: a subset of the shards of one index, loaded whole."""
+    """What one Searcher replica holds: a subset of the shards of one index, loaded whole; a tag
+    search scans a shard with `threads` threads (layout.top_and)."""
 
-    def __init__(self, info: fmt.IndexInfo, shard_names: list[str], head, endpoint_url: str | None = None) -> None:
+    def __init__(self, info: fmt.IndexInfo, shard_names: list[str], head, endpoint_url: str | None = None,
+                 threads: int = 1) -> None:
         if endpoint_url is not None and info.endpoint_url != endpoint_url:
             info = fmt.open_index(info.uri, endpoint_url)
         check_index_matches(info.meta, head, storage.redact(info.uri))
@@ -123,7 +125,7 @@ class ShardGroup:
         if unknown:
             raise ConfigError(f"{storage.redact(info.uri)}: no shard(s) {', '.join(unknown)} in version {info.version} "
                               f"(shards: {', '.join(info.shards)})")
-        self.info, self.head = info, head
+        self.info, self.head, self.threads = info, head, max(1, int(threads))
         self.kind = info.kind
         self.shard_names = list(shard_names)
         self.shards = [_load_shard(info, s) for s in shard_names]
@@ -193,7 +195,7 @@ class ShardGroup:
         for shard in self.shards:
             if not len(shard):
                 continue
-            top, sums = layout.top_and(shard.log_p, columns, n, self._mask(shard, filters, deleted))
+            top, sums = layout.top_and(shard.log_p, columns, n, self._mask(shard, filters, deleted), self.threads)
             hits.append([shard.hit(int(i), float(np.exp(np.float64(s)))) for i, s in zip(top, sums, strict=True)])
         out = merge_hits(hits, n)
         return [h for h in out if h.score >= min_score] if min_score is not None else out

@@ -48,7 +48,7 @@ class ServeConfig:
     # Search groups: deployments Searcher-0..G-1, each owning a subset of the index's shards (round
     # robin); the Ingress fans a query out to all and merges. 0 = one group per shard.
     search_groups: int = 0
-    searcher_cpus: float = 0.25  # per search group replica
+    searcher_cpus: float = 0.25  # per search group replica; its tag searches use a thread per whole CPU (≥ 1)
     search_timeout_s: float = 5.0  # a group that has not answered by then is missing from the answer (partial)
     group_retry_s: float = 2.0  # a group that failed is skipped (its shards reported missing) for this long
     # every replica re-reads index.json this often (when a request comes) and loads a newer version
@@ -341,7 +341,8 @@ class SearchService:
         self.head = head if head is not None else load_image_tagger(model_dir, cfg.endpoint_url)
         self.info = info if info is not None else open_index(index_dir, cfg.endpoint_url)  # one version
         self.shards = list(self.info.shards) if shards is None else list(shards)
-        self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url)  # checks the model and shards
+        # checks the model and shards; a tag search scans with a thread per whole CPU the replica reserves
+        self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url, threads=int(cfg.searcher_cpus))
         # the vectors search by example needs: the embed head's f, a linear index's normalised features
         self.has_vectors = self.info.kind == "embeddings" or bool(self.info.meta.get("vectors"))
         self.deleted = frozenset(self.info.tombstones())
