@@ -162,7 +162,7 @@ def embed_compare(embed_model: str, corpus: dict, work: Path, factory: str, trai
 
 
 def bench(images: int, dim: int, concepts: int, shards: list[int], work: Path, seed: int, factory: str,
-          train_sample: int, skip_embed: bool) -> dict:
+          train_sample: int, parts: set[str]) -> dict:
     from tagray.data.synth import SynthConfig, synthesize
 
     work.mkdir(parents=True, exist_ok=True)
@@ -178,10 +178,11 @@ def bench(images: int, dim: int, concepts: int, shards: list[int], work: Path, s
     tags = len(load_image_tagger(lr).vocab)
     print(f"{images} images × {dim}-D, {tags} tags: corpus in {synth_s:.0f}s", flush=True)
     out: dict = {"images": images, "dim": dim, "tags": tags, "synth_seconds": synth_s}
-    out["baseline_driver_only"] = run_json([sys.executable, __file__, "--stage", "baseline", "--model", lr,
-                                            "--features", corpus["features"], "--manifest", corpus["manifest"],
-                                            "--out", str(work / "baseline")])
-    print("baseline", json.dumps(out["baseline_driver_only"]), flush=True)
+    if "baseline" in parts:
+        out["baseline_driver_only"] = run_json([sys.executable, __file__, "--stage", "baseline", "--model", lr,
+                                                "--features", corpus["features"], "--manifest", corpus["manifest"],
+                                                "--out", str(work / "baseline")])
+        print("baseline", json.dumps(out["baseline_driver_only"]), flush=True)
     out["sharded"] = {}
     for k in shards:
         s = sharded(lr, corpus, work / f"lr_k{k}", k, "--no-similar")
@@ -192,12 +193,14 @@ def bench(images: int, dim: int, concepts: int, shards: list[int], work: Path, s
         print(f"K={k}", json.dumps(out["sharded"][f"K={k}"]), flush=True)
     log_p_bytes = (work / f"lr_k{shards[0]}").rglob("log_p.npy")
     out["log_p_bytes_per_image_tag"] = sum(p.stat().st_size for p in log_p_bytes) / (images * tags)
-    with_similar = sharded(lr, corpus, work / "lr_similar", max(shards), "--similar")
-    out["similar_store"] = {"rows_per_s": with_similar["rows_per_s"],
-                            "bytes_per_image": sum(p.stat().st_size for p in (work / "lr_similar").rglob("vectors.faiss")) / images}
-    out["int8_vs_float16"] = int8_loss(work / f"lr_k{1 if 1 in shards else shards[0]}", tags, seed)
-    print("int8", json.dumps(out["int8_vs_float16"]), flush=True)
-    if not skip_embed:
+    if "similar" in parts:
+        with_similar = sharded(lr, corpus, work / "lr_similar", max(shards), "--similar")
+        out["similar_store"] = {"rows_per_s": with_similar["rows_per_s"],
+                                "bytes_per_image": sum(p.stat().st_size for p in (work / "lr_similar").rglob("vectors.faiss")) / images}
+    if "int8" in parts:
+        out["int8_vs_float16"] = int8_loss(work / f"lr_k{1 if 1 in shards else shards[0]}", tags, seed)
+        print("int8", json.dumps(out["int8_vs_float16"]), flush=True)
+    if "embed" in parts:
         out["embed_index"] = embed_compare(embed_model, corpus, work, factory, train_sample, seed)
         print("embed", json.dumps(out["embed_index"]), flush=True)
     return out
@@ -212,7 +215,10 @@ def main() -> None:
     p.add_argument("--factory", default="IVF1024,PQ16")
     p.add_argument("--train-sample", type=int, default=50_000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-embed", action="store_true")
+    p.add_argument("--skip-embed", action="store_true", help="the same as leaving embed out of --parts")
+    p.add_argument("--parts", default="baseline,sharded,similar,int8,embed",
+                   help="what to run besides the sharded builds (comma-separated); at 10M the driver-only "
+                        "baseline holds every prediction (N × T × 4 bytes) in one process")
     p.add_argument("--work", default="/tmp/indexer-bench")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "index_build.json"))
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -241,7 +247,8 @@ def main() -> None:
               "command": " ".join(sys.argv), "runs": []}
     for n in (int(x) for x in args.images.split(",")):
         result["runs"].append(bench(n, args.dim, args.concepts, shards, Path(args.work) / f"n{n}", args.seed,
-                                    args.factory, args.train_sample, args.skip_embed))
+                                    args.factory, args.train_sample,
+                                    set(args.parts.split(",")) - ({"embed"} if args.skip_embed else set())))
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     import ray

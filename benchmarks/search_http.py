@@ -230,6 +230,7 @@ def main() -> None:
             result["embed"] = {}
             ids = None
             hits, found = {}, {}
+            words = [",".join(rng.choice(pool, 2, replace=False)) for _ in range(args.queries)]  # the same for each factory
             for factory in ("flat", args.ivfpq):
                 out = f"{work}/embed_{factory.replace(',', '_')}"
                 serve.shutdown()  # the builders need the CPUs the app's replicas hold
@@ -240,7 +241,6 @@ def main() -> None:
 
                     all_ids = open_index(out).image_ids().to_pylist()
                     ids = [all_ids[i] for i in rng.choice(len(all_ids), args.queries, replace=False)]
-                words = [",".join(rng.choice(pool, 2, replace=False)) for _ in range(args.queries)]
                 search_row, found[factory] = timed(get_search(url), words)
                 similar_row, hits[factory] = timed(post_similar(url), ids)
                 result["embed"][factory] = {"build": build_summary, "search_2_words": search_row,

@@ -373,8 +373,9 @@ def test_ivf_pq_factory_trains_once_and_approximates_the_exact_index(world, tmp_
     head = load_image_tagger(world["embed"])
     exact = open_index(_build(world, "embed", tmp_path / "flat", "--shards", "2"))
     approx = open_index(_build(world, "embed", tmp_path / "ivf", "--shards", "2", "--factory", "IVF4,PQ4x4",
-                               "--train-sample", "400"))
+                               "--train-sample", "400", "--nprobe", "3"))
     assert approx.meta["trained"] == "trained-v1.faiss" and (tmp_path / "ivf" / "trained-v1.faiss").exists()
+    assert approx.meta["nprobe"] == 3  # kept in the index, set on every shard as it loads
     rng = np.random.default_rng(0)
     recalls = []
     for _ in range(10):

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="faiss index_factory string of the vector store: flat (exact, default), 'IVF1024,PQ16', 'HNSW32'")
     p.add_argument("--train-sample", type=int, default=d.train_sample,
                    help=f"rows an IVF/PQ factory is trained on (seeded sample; default {d.train_sample})")
+    p.add_argument("--nprobe", type=int, default=d.nprobe,
+                   help=f"IVF lists a query searches (kept in the index; recall against speed, default {d.nprobe})")
+    p.add_argument("--ef-search", type=int, default=d.ef_search, help=f"HNSW efSearch (default {d.ef_search})")
     p.add_argument("--similar", action=argparse.BooleanOptionalAction, default=d.similar,
                    help="linear heads: keep the normalised features for search by example (D×4 bytes per image with flat)")
     p.add_argument("--gpu", action="store_true", help="faiss on a GPU when faiss has GPU support (else CPU)")
@@ -50,7 +53,7 @@ def config_of(args: argparse.Namespace) -> IndexBuildConfig:
     columns = None if args.columns is None else tuple(c.strip() for c in args.columns.split(",") if c.strip())
     return IndexBuildConfig(shards=args.shards, columns=columns, factory=args.factory, train_sample=args.train_sample,
                             similar=args.similar, gpu=args.gpu, batch_size=args.batch_size, worker_cpus=args.worker_cpus,
-                            workers=args.workers, seed=args.seed)
+                            workers=args.workers, seed=args.seed, nprobe=args.nprobe, ef_search=args.ef_search)
 
 
 @command("index")
