@@ -95,10 +95,10 @@ def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | No
     rows `mask` keeps (None: all), in `top_rows`' order, with the same float32 sums.
 
     Every log P is ≤ 0, so an image whose sum reaches t has every one of its m values ≥ t. With t
-    the n-th largest sum of a strided sample of the images (at most the n-th largest of all of
-    them: `_sampled_bound`), only images whose sum can reach t are summed exactly and ranked; the
-    others cannot be in the top n, so the answer equals summing every image (tests/
-    test_index_shards.py). Those images are found either tag by tag (`_candidates`: each value ≥ t,
+    the n-th largest sum of a sample of the images (blocks spread over the shard; at most the n-th
+    largest of all of them: `_sampled_bound`), only images whose sum can reach t are summed exactly
+    and ranked; the others cannot be in the top n, so the answer equals summing every image
+    (tests/test_index_shards.py). Those images are found either tag by tag (`_candidates`: each value ≥ t,
     by comparing float16 bit patterns as integers — one integer pass when a tag is selective), or,
     when no tag is (common tags, narrow ranges), by `_scan`: a bound on every image's sum from the
     float16 patterns shifted into float32 magnitudes, two integer and float passes per tag instead
