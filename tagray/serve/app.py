@@ -36,6 +36,7 @@ left out (and skipped for `group_retry_s`) while Serve replaces it: the answer i
 import asyncio
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -205,6 +206,19 @@ def _replica_errors() -> tuple[type[BaseException], ...]:
     return _REPLICA_GONE
 
 
+def settle_gc() -> int:
+    """Collects, then moves every object alive now (the imports, the loaded model or index) into
+    the collector's permanent generation (`gc.freeze`), so that full collections stop traversing a
+    replica's ~300k start-up objects: one took ~160 ms in a Serve replica's process on this VM, a
+    request's tail (benchmarks/gc_pause.py). Objects made later are collected as usual; each call
+    first unfreezes, so what an earlier freeze kept and is now garbage goes too. Returns the
+    objects frozen."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def call(handle_method, what: str, *args):
     """`await handle_method.remote(*args)`, retried once if the replica died; its RequestError raised."""
     for attempt in (1, 2):
@@ -235,6 +249,7 @@ class Tagger:
         if self.service is None or model != self.service.model_dir:
             self.service = TaggingService(model, self.cfg)  # the old one serves until this returns
             log.info("Tagger: serving %s", model)
+            settle_gc()
 
     @serve.batch
     async def tag_batch(self, requests: list[tuple]) -> list[list[dict]]:
@@ -298,6 +313,7 @@ class Searcher:
             self._load(open_index(index, self.cfg.endpoint_url))
             self.refresh = IndexRefresh(index, self.cfg.endpoint_url, self.cfg.index_refresh_s,
                                         lambda: self.service.version, self._load)
+            settle_gc()
 
     def _load(self, info) -> None:
         """This group's shards of `info` (one index version), built beside the service answering now."""
@@ -407,6 +423,7 @@ class Ingress:
         if self.index is not None:
             self.refresh = IndexRefresh(self.index["uri"], self.cfg.endpoint_url, self.cfg.index_refresh_s,
                                         lambda: self.index["version"], self._index_changed)
+        settle_gc()
 
     def _index_changed(self, info) -> None:
         self.index = {"uri": self.index["uri"], "version": int(info.version), "kind": info.kind,
