@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +86,14 @@ class NotEnoughResources(ConfigError):
     """The first actor of a pool did not get its CPUs / GPUs before the deadline (a ConfigError,
     as `require_resources`' is: the commands print it as one line and exit 2)."""
 
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the OS has one (Linux), else the
+    machine's count (macOS, Windows), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 @dataclass(frozen=True)
 class PoolPlan:

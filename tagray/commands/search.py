@@ -9,12 +9,12 @@ indexed image's top words instead. Searches every shard in this process, tombsto
 from __future__ import annotations
 
 import argparse
-import os
 
 from tagray import jsonio
 from tagray.commands.common import add_endpoint, command
 from tagray.config import ConfigError
 from tagray.index import Filters, ShardGroup, UnknownImage, hits_json, merge_hits, open_index
+from tagray.resources import local_cpus
 from tagray.serve.index import UnknownWord, WordIndex
 
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--offset must be ≥ 0, got {args.offset}")
     head = load_image_tagger(args.model, args.endpoint_url)
     info = open_index(args.index, args.endpoint_url)
-    group = ShardGroup(info, list(info.shards), head, args.endpoint_url, threads=len(os.sched_getaffinity(0)))
+    group = ShardGroup(info, list(info.shards), head, args.endpoint_url, threads=local_cpus())
     deleted = frozenset(info.tombstones())
     filters = filters_of(args)
     n = args.offset + args.k
