@@ -1,11 +1,10 @@
 """Sharded search in the Serve app over real HTTP (issue 15, parts 3 and 5), on a small rendered
 corpus, its ResNet-18 features, an RLR and an embed head, and indexes built by `tagray index
---shards K`: the answers of K = 4 shards in 4
-Searcher groups equal K = 1 and `tagray search`; a group whose replica is SIGKILLed leaves
-partial answers (200, naming the missing shards) until Serve has replaced it; appended shards
-are picked up by a reconfigure while the old images keep answering; min_score, paging,
-filters and search by example (`POST /v1/similar`), each with its 4xx; the page's controls in
-headless Chromium."""
+--shards K`: the answers of K = 4 shards in 4 Searcher groups equal K = 1 and `tagray search`; a
+group whose replica hangs leaves partial answers (200, naming the missing shards), and once it is
+killed, until Serve has replaced it; appended shards are picked up by a reconfigure while the old
+images keep answering; min_score, paging, filters and search by example (`POST /v1/similar`), each
+with its 4xx; the page's controls in headless Chromium."""
 
 from __future__ import annotations
 
@@ -231,7 +230,12 @@ def test_four_shards_in_four_groups_answer_exactly_what_one_shard_and_tagray_sea
 
 
 @pytest.mark.integration
-def test_a_killed_search_group_gives_partial_answers_then_is_replaced(built, app):
+def test_a_hung_then_killed_search_group_gives_partial_answers_then_is_replaced(built, app):
+    """A group that does not answer (its replica stopped: SIGSTOP, as a replica stuck in swap or a
+    deadlock is) is left out after search_timeout_s: 200, `partial`, its shard named, the other
+    shards' answer exact. Then it dies (SIGKILL), Serve replaces it and the answers are whole again.
+    (Killing it outright leaves no window to assert on: Serve's router holds the request until the
+    replacement is up, which on a fast machine comes before search_timeout_s.)"""
     deploy(app, args_for(app, built["indexes"][4]))
     q = queries(app)[2]
     whole = ids_scores(search(app, q=q, k=100))
@@ -239,8 +243,6 @@ def test_a_killed_search_group_gives_partial_answers_then_is_replaced(built, app
                                  columns=["image_id"]).column("image_id").to_pylist()) for g in range(4)}
     g = next(g for g in range(4) if whole[0][0] in held[g])  # the group holding the best image
     without = [(i, s) for i, s in whole if i not in held[g]][:10]
-
-    os.kill(replica_pid(f"Searcher-{g}"), signal.SIGKILL)
     answers = []
 
     def partial_seen():
@@ -249,13 +251,18 @@ def test_a_killed_search_group_gives_partial_answers_then_is_replaced(built, app
         answers.append(r.json())
         return r.json()["partial"]
 
-    first = wait_for(lambda: partial_seen() and answers[-1], "a partial answer", timeout=60)
-    assert first["missing_shards"] == [f"shard-{g:05d}"]
+    pid = replica_pid(f"Searcher-{g}")
+    os.kill(pid, signal.SIGSTOP)
+    try:  # only group g can be missing: a healthy group that was slow once is waited out
+        first = wait_for(lambda: partial_seen() and answers[-1]["missing_shards"] == [f"shard-{g:05d}"]
+                         and answers[-1], "a partial answer without the stopped group", timeout=120)
+    finally:
+        os.kill(pid, signal.SIGKILL)  # a stopped process dies of SIGKILL too
     assert [(i["image_id"], i["score"]) for i in first["images"]] == without  # the other shards, exactly
-    wait_for(lambda: not partial_seen(), "the replaced group answering again", timeout=300)
+    wait_for(lambda: not partial_seen(), "the replaced group answering again", timeout=300)  # only a new replica can
     assert ids_scores(search(app, q=q, k=100)) == whole
     assert all(a["partial"] or [(i["image_id"], i["score"]) for i in a["images"]] == whole[:10] for a in answers)
-    print(f"while Searcher-{g} was replaced: {sum(a['partial'] for a in answers)} partial answers of {len(answers)}")
+    print(f"while Searcher-{g} was down: {sum(a['partial'] for a in answers)} partial answers of {len(answers)}")
 
 
 @pytest.mark.integration
