@@ -170,6 +170,25 @@ def test_int8_codes_lose_ranking_against_float16_and_say_how_much():
     assert exact["queries"] == 1
 
 
+def test_an_old_single_directory_index_breaks_ties_by_row_as_the_shards_do():
+    """Equal sums (float16 rows make them common) rank by row, here and in layout.top_and: the
+    order argpartition leaves them in differs between numpy builds and CPUs."""
+    from tagray.serve.index import PredictionIndex
+
+    log_p = np.log(np.array([[0.5, 0.9, 0.5, 0.9, 0.5, 0.1, 0.5]], dtype=np.float32)).astype(np.float16)
+    index = PredictionIndex(log_p, [f"i{r}" for r in range(7)], [None] * 7, {})
+    assert [i for i, _, _ in index.search([0], 4)] == ["i1", "i3", "i0", "i2"]
+    assert [i for i, _, _ in index.search([0], 7)] == ["i1", "i3", "i0", "i2", "i4", "i6", "i5"]
+    # many ties at every rank, large enough for numpy's vectorised partition
+    rng = np.random.default_rng(0)
+    log_p = np.log(rng.choice([0.2, 0.4, 0.6, 0.8], size=(2, 20_000))).astype(np.float16)
+    index = PredictionIndex(log_p, [f"i{r}" for r in range(20_000)], [None] * 20_000, {})
+    for cols in ([0], [0, 1]):
+        total = log_p[cols].astype(np.float32).sum(0)
+        want = np.lexsort((np.arange(20_000), -total))[:500]
+        assert [i for i, _, _ in index.search(cols, 500)] == [f"i{r}" for r in want]
+
+
 def test_an_old_single_directory_index_is_read_as_one_shard(tmp_path):
     """Indexes of earlier versions (serve/index.py's save_prediction_index, still what `tagray demo`
     writes) search the same through the new API; appends to them ask for a rebuild."""

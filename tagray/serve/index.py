@@ -181,8 +181,12 @@ class PredictionIndex:
         for c in columns[1:]:
             total += self.log_p[c]
         k = min(k, len(total))
-        top = np.argpartition(-total, k - 1)[:k]
-        top = top[np.argsort(-total[top], kind="stable")]
+        # ties broken by row, as tagray.index.layout ranks (argpartition's order among equal
+        # float16 sums differs between numpy builds and CPUs)
+        kth = -np.partition(-total, k - 1)[k - 1]
+        above = np.flatnonzero(total > kth)
+        top = np.concatenate([above, np.flatnonzero(total == kth)[: k - len(above)]])
+        top = top[np.lexsort((top, -total[top]))]
         return [(self.image_ids[i], self.uris[i], float(np.exp(total[i]))) for i in top]
 
 
