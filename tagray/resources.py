@@ -9,12 +9,13 @@ the CPUs, a GPU pool whose GPUs are taken. `plan_pool` starts a pool at the acto
 (at least one) and lets it grow to `most` as resources free up (Ray Data's autoscaling pool:
 `ActorPoolStrategy(min_size=1, max_size=most)`); `bounded_start` ends the wait for the first
 actor after `wait_s` with `NotEnoughResources`, an error naming what was asked and what was
-free. Featurize and the index build use both.
+free. Featurize and the index build use both, and `released` on failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -171,3 +172,32 @@ def bounded_start(ds: ray.data.Dataset, plan: PoolPlan) -> Iterator[ray.data.Dat
         if "starting actors" not in str(e):
             raise
         raise NotEnoughResources(f"{plan.shortfall()}: no actor started in {plan.wait_s:g}s") from None
+
+
+def released(error: BaseException) -> BaseException:
+    """`error`, raised by a Ray Data pipeline with an actor pool, made to let go of that pool now.
+    Ray Data gives a failed pipeline's actors back by dropping its references to them, but those
+    references sit in reference cycles through the frames of the exception's traceback until
+    Python's cycle collector next runs (in an idle driver: not for minutes), and until then the
+    actors hold their CPUs and GPUs: the next pool in the same process (a re-run from a notebook,
+    a long-lived driver, the tests) waits for them, then fails with no CPU free. So: the
+    traceback logged at DEBUG, the tracebacks of the exception chain dropped, a collection run.
+    Call it after the `except` block that caught `error` (its frames alive until then):
+
+        failure = None
+        try:
+            ...
+        except Exception as e:
+            failure = e
+        if failure is not None:
+            raise released(failure)
+    """
+    log.debug("the pipeline failed", exc_info=error)
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    gc.collect()
+    return error

@@ -491,6 +491,23 @@ def _corrupt_second_row_group(path: Path) -> bytes:
     return good
 
 
+def _free_cpus_settled(until: float | None = None, deadline_s: float = 30.0) -> float:
+    """The cluster's free CPUs once they reach `until` (or, without one, stop changing between two
+    reads 0.5 s apart), or what they are at the deadline."""
+    import time
+
+    import ray
+
+    end = time.monotonic() + deadline_s
+    last = None
+    while True:
+        now = float(ray.available_resources().get("CPU", 0.0))
+        if (now == until if until is not None else now == last) or time.monotonic() > end:
+            return now
+        last = now
+        time.sleep(0.5)
+
+
 @pytest.mark.integration
 def test_a_build_failing_midway_keeps_the_old_version_and_a_rerun_completes(world, tmp_path, capsys):
     head = load_image_tagger(world["lr"])
@@ -504,8 +521,12 @@ def test_a_build_failing_midway_keeps_the_old_version_and_a_rerun_completes(worl
     pq.write_table(table, target, row_group_size=IMAGES // 2)
     good = _corrupt_second_row_group(target)
     capsys.readouterr()
+    free = _free_cpus_settled()
     assert _index("--model", world["lr"], "--features", str(feats), "--manifest", world["dated"], "--out", str(out),
                   "--shards", "2") != 0
+    # The failed pool's builders let go of their CPUs now (resources.released), not at Python's next
+    # cycle collection: a re-run in this process beside a busy cluster would otherwise wait for them.
+    assert _free_cpus_settled(until=free) == free
     assert (out / "index.json").read_bytes() == committed  # still version 1, its shards intact
     info = open_index(str(out))
     assert info.version == 1 and search_all(info, head, columns=[1], k=3)

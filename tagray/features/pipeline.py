@@ -37,7 +37,7 @@ from tagray.features.backbone import (
 )
 from tagray.features.decode import fetch_and_decode
 from tagray.features.embed import Embedder
-from tagray.resources import PoolPlan, bounded_start, plan_pool
+from tagray.resources import PoolPlan, bounded_start, plan_pool, released
 
 if TYPE_CHECKING:
     import ray.data
@@ -289,18 +289,24 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         first_rows = 0
         record_bytes = 0
         # The driver sees bookkeeping only (store.RECORDS_SCHEMA): the workers wrote the shards.
-        with bounded_start(ds, pool):
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                record_bytes += batch.nbytes
-                rows = batch.column("rows").to_pylist()
-                for name, n in zip(batch.column("shard").to_pylist(), rows, strict=True):
-                    if name is not None:
-                        shards[name] = n  # a name seen twice is one file written twice (a retried task)
-                failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
-                errors.extend(failed.to_pylist())
-                if not first_rows:  # start-up: actors loading the backbone, the first shard filling
-                    first_rows = sum(rows) + failed.num_rows
-                    summary["startup_seconds"] = time.perf_counter() - t0
+        failure = None
+        try:
+            with bounded_start(ds, pool):
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    record_bytes += batch.nbytes
+                    rows = batch.column("rows").to_pylist()
+                    for name, n in zip(batch.column("shard").to_pylist(), rows, strict=True):
+                        if name is not None:
+                            shards[name] = n  # a name seen twice is one file written twice (a retried task)
+                    failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
+                    errors.extend(failed.to_pylist())
+                    if not first_rows:  # start-up: actors loading the backbone, the first shard filling
+                        first_rows = sum(rows) + failed.num_rows
+                        summary["startup_seconds"] = time.perf_counter() - t0
+        except Exception as e:
+            failure = e
+        if failure is not None:
+            raise released(failure)  # the actors' CPUs / GPUs free for a re-run in this process
         summary["pipeline_seconds"] = time.perf_counter() - t0
         summary["driver_record_bytes"] = record_bytes
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]

@@ -46,7 +46,7 @@ from tagray.index.model import (
     model_identity,
     normalised,
 )
-from tagray.resources import bounded_start, plan_pool
+from tagray.resources import bounded_start, plan_pool, released
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +372,14 @@ def run_pool(tasks: list[dict], spec: dict, cfg: IndexBuildConfig) -> list[dict]
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     out = ds.map_batches(ShardBuilder, fn_constructor_kwargs={"spec": spec}, batch_size=1, batch_format="numpy",
                          compute=pool.strategy(), num_cpus=pool.cpus, num_gpus=pool.gpus)
-    with bounded_start(out, pool):
-        metas = [json.loads(r["meta"]) for r in out.take_all()]
+    failure = None
+    try:
+        with bounded_start(out, pool):
+            metas = [json.loads(r["meta"]) for r in out.take_all()]
+    except Exception as e:
+        failure = e
+    if failure is not None:
+        raise released(failure)  # the builders' CPUs free for a re-run in this process
     return sorted(metas, key=lambda m: m["name"])
 
 
