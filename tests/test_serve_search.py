@@ -141,13 +141,15 @@ def built(ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(built):
-    """The Serve app over HTTP on loopback (this module's own, shut down after it)."""
+    """The Serve app over HTTP on loopback (this module's own, shut down after it). It starts on the
+    one-shard index the first test asks for first, and the tests run in the order that redeploys
+    least (each deploys what it needs; `deploy` skips a deploy of what runs already)."""
     from ray import serve
 
     from tagray.commands.serve import start
     from tests.conftest import free_port
 
-    args = {"model": built["model"], "index": built["indexes"][4], "max_image_bytes": 200_000, "batch_size": 4,
+    args = {"model": built["model"], "index": built["indexes"][1], "max_image_bytes": 200_000, "batch_size": 4,
             "tagger_cpus": 0.5, "search_timeout_s": 10.0, "group_retry_s": 0.5, "max_k": 200, "index_refresh_s": 0.5, **LOW}
     url = start(args, "127.0.0.1", free_port())
     yield {"url": url, "args": args, "running": dict(args)}
@@ -263,6 +265,61 @@ def test_a_hung_then_killed_search_group_gives_partial_answers_then_is_replaced(
     assert ids_scores(search(app, q=q, k=100)) == whole
     assert all(a["partial"] or [(i["image_id"], i["score"]) for i in a["images"]] == whole[:10] for a in answers)
     print(f"while Searcher-{g} was down: {sum(a['partial'] for a in answers)} partial answers of {len(answers)}")
+
+
+@pytest.mark.integration
+def test_page_min_score_filters_paging_and_more_like_this_in_headless_chromium(built, app):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_serve import _chromium
+
+    deploy(app, args_for(app, built["indexes"][4]))
+    q = queries(app)[4]  # three tags: few ties at the top
+    everything = ids_scores(search(app, q=q, k=200))
+    driver = _chromium()
+    try:
+        driver.get(app["url"])
+        wait = WebDriverWait(driver, 60)
+
+        def shown() -> list[str]:
+            return [f.find_element(By.TAG_NAME, "img").get_attribute("alt")
+                    for f in driver.find_elements(By.CSS_SELECTOR, "figure.result")]
+
+        def results_for(label: str) -> list[str]:
+            wait.until(lambda d: d.find_element(By.ID, "search-status").text.startswith(label + ":"))
+            return shown()
+
+        driver.find_element(By.ID, "q").send_keys(q)
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        assert results_for(q) == [i for i, _ in everything[:12]]
+        driver.find_element(By.ID, "next").click()
+        wait.until(lambda d: "images 13–" in d.find_element(By.ID, "search-status").text)
+        assert shown() == [i for i, _ in everything[12:24]]
+
+        cut = everything[5][1]
+        driver.find_element(By.ID, "min-score").send_keys(repr(cut))
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        wait.until(lambda d: "images 1–" in d.find_element(By.ID, "search-status").text)
+        kept = [i for i, s in everything if s >= cut]
+        wait.until(lambda d: shown() == kept[:12])
+        assert driver.find_element(By.ID, "next").is_displayed() == (len(kept) >= 12)
+        driver.find_element(By.ID, "min-score").clear()
+
+        user_of = dict(zip(built["ids"], built["users"], strict=True))
+        user = user_of[everything[0][0]]
+        driver.find_element(By.ID, "user").send_keys(user)
+        driver.find_element(By.CSS_SELECTOR, "#search button").click()
+        wait.until(lambda d: shown() == [i for i, _ in everything if user_of[i] == user][:12])
+
+        target = shown()[0]
+        driver.find_elements(By.CSS_SELECTOR, "figure.result button.similar")[0].click()
+        like = results_for("like " + target)
+        expected = requests.post(f"{app['url']}v1/similar", params={"k": 12, "user": user},
+                                 json={"image_id": target}, timeout=60).json()["images"]
+        assert like == [i["image_id"] for i in expected] and target not in like
+    finally:
+        driver.quit()
 
 
 @pytest.mark.integration
@@ -427,58 +484,3 @@ def test_embed_model_sharded_search_and_similar(built, app, tmp_path):
     assert up.status_code == 200, up.text
     got = [i["image_id"] for i in up.json()["images"]]
     assert [i for i in got if i != target][:15] == [i for i, _ in similar]
-
-
-@pytest.mark.integration
-def test_page_min_score_filters_paging_and_more_like_this_in_headless_chromium(built, app):
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from tests.test_serve import _chromium
-
-    deploy(app, args_for(app, built["indexes"][4]))
-    q = queries(app)[4]  # three tags: few ties at the top
-    everything = ids_scores(search(app, q=q, k=200))
-    driver = _chromium()
-    try:
-        driver.get(app["url"])
-        wait = WebDriverWait(driver, 60)
-
-        def shown() -> list[str]:
-            return [f.find_element(By.TAG_NAME, "img").get_attribute("alt")
-                    for f in driver.find_elements(By.CSS_SELECTOR, "figure.result")]
-
-        def results_for(label: str) -> list[str]:
-            wait.until(lambda d: d.find_element(By.ID, "search-status").text.startswith(label + ":"))
-            return shown()
-
-        driver.find_element(By.ID, "q").send_keys(q)
-        driver.find_element(By.CSS_SELECTOR, "#search button").click()
-        assert results_for(q) == [i for i, _ in everything[:12]]
-        driver.find_element(By.ID, "next").click()
-        wait.until(lambda d: "images 13–" in d.find_element(By.ID, "search-status").text)
-        assert shown() == [i for i, _ in everything[12:24]]
-
-        cut = everything[5][1]
-        driver.find_element(By.ID, "min-score").send_keys(repr(cut))
-        driver.find_element(By.CSS_SELECTOR, "#search button").click()
-        wait.until(lambda d: "images 1–" in d.find_element(By.ID, "search-status").text)
-        kept = [i for i, s in everything if s >= cut]
-        wait.until(lambda d: shown() == kept[:12])
-        assert driver.find_element(By.ID, "next").is_displayed() == (len(kept) >= 12)
-        driver.find_element(By.ID, "min-score").clear()
-
-        user_of = dict(zip(built["ids"], built["users"], strict=True))
-        user = user_of[everything[0][0]]
-        driver.find_element(By.ID, "user").send_keys(user)
-        driver.find_element(By.CSS_SELECTOR, "#search button").click()
-        wait.until(lambda d: shown() == [i for i, _ in everything if user_of[i] == user][:12])
-
-        target = shown()[0]
-        driver.find_elements(By.CSS_SELECTOR, "figure.result button.similar")[0].click()
-        like = results_for("like " + target)
-        expected = requests.post(f"{app['url']}v1/similar", params={"k": 12, "user": user},
-                                 json={"image_id": target}, timeout=60).json()["images"]
-        assert like == [i["image_id"] for i in expected] and target not in like
-    finally:
-        driver.quit()
