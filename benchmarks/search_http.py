@@ -139,14 +139,14 @@ def post_similar(url: str):
     return one
 
 
-def deploy(args: dict, port: int, searcher_cpus: float = 0.25) -> str:
+def deploy(args: dict, port: int, searcher_cpus: float = 0.25, search_threads: int = 0) -> str:
     from ray import serve
 
     from tagray.commands.serve import start
 
     serve.shutdown()
-    return start({**args, "tagger_cpus": 0.1, "searcher_cpus": searcher_cpus, "search_timeout_s": 30.0}, "127.0.0.1",
-                 port)
+    return start({**args, "tagger_cpus": 0.1, "searcher_cpus": searcher_cpus, "search_threads": search_threads,
+                  "search_timeout_s": 30.0}, "127.0.0.1", port)
 
 
 def du(path: str) -> int:
@@ -169,6 +169,9 @@ def main() -> None:
     p.add_argument("--reuse", default=None, metavar="DIR",
                    help="a kept run's directory (corpus/, rlr/, k<K>/): search its indexes, no synth or build")
     p.add_argument("--searcher-cpus", type=float, default=0.25, help="CPUs per Searcher replica")
+    p.add_argument("--search-threads", type=int, nargs="+", default=[0],
+                   help="ServeConfig.search_threads: each index is deployed and searched with each (0: one per whole "
+                        "CPU of --searcher-cpus, at least 1)")
     p.add_argument("--out", default="benchmarks/results/search_http.json")
     args = p.parse_args()
 
@@ -213,17 +216,20 @@ def main() -> None:
         queries = {n: [",".join(rng.choice(pool, n, replace=False)) for _ in range(args.queries)] for n in (1, 2, 3)}
         answers: dict = {}
         result["search"] = {}
-        for name, index in ({} if args.no_tags else indexes).items():
-            url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus)
+        runs = [(name, index, threads) for name, index in ({} if args.no_tags else indexes).items()
+                for threads in args.search_threads]
+        for name, index, threads in runs:
+            label = name if len(args.search_threads) == 1 else f"{name}_threads{threads}"
+            url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus, threads)
             rows = {}
             for n, qs in queries.items():
-                rows[f"{n}_tag"], answers[(name, n)] = timed(get_search(url), qs)
-                print(f"search {name} {n}-tag: {rows[f'{n}_tag']}", flush=True)
-            result["search"][name] = rows
+                rows[f"{n}_tag"], answers[(label, n)] = timed(get_search(url), qs)
+                print(f"search {label} {n}-tag: {rows[f'{n}_tag']}", flush=True)
+            result["search"][label] = rows
         if answers:
-            first = next(iter(indexes))
-            result["same_answers"] = all(answers[(name, n)] == answers[(first, n)] for name in indexes for n in queries)
-            print(f"same answers across {list(indexes)}: {result['same_answers']}", flush=True)
+            labels = list(result["search"])
+            result["same_answers"] = all(answers[(label, n)] == answers[(labels[0], n)] for label in labels for n in queries)
+            print(f"same answers across {labels}: {result['same_answers']}", flush=True)
 
         if args.embed:
             embed = make_embed(f"{work}/embed", model, args.dim)

@@ -290,6 +290,16 @@ def test_serve_config_args_are_serve_config_fields():
         from_dict(ServeConfig, {"model": "m", "batchsize": 3}, "args")
 
 
+def test_a_searchers_scan_threads_are_search_threads_or_one_per_whole_cpu_it_reserves():
+    from tagray.serve.service import ServeConfig
+
+    assert ServeConfig(model="m").scan_threads == 1  # 0.25 CPU: one thread
+    assert ServeConfig(model="m", searcher_cpus=2.5).scan_threads == 2
+    assert ServeConfig(model="m", searcher_cpus=0.25, search_threads=2).scan_threads == 2
+    with pytest.raises(ConfigError, match="search_threads"):
+        ServeConfig(model="m", search_threads=-1)
+
+
 @pytest.mark.parametrize("rel", SERVE_CONFIGS)
 def test_serve_config_args_hold_only_deviations(rel):
     from tagray.commands.serve import args_from_serve_config

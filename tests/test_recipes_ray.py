@@ -35,9 +35,11 @@ def _train(corpus, name: str, head: str, workers: int, *extra: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-# rlr with 1 and 2 workers (the same linear recipe as lr, plus the EM step whose all-reduced
-# statistics keep the replicas' π identical): tests/test_train_cli.py::test_two_workers_match_one_and_share_pi
-@pytest.mark.parametrize("head", ["lr", "embed", "neighbors", "refine"])
+# The linear recipe (lr, and rlr: lr plus the EM step whose all-reduced statistics keep the
+# replicas' π identical) with 1 and 2 workers, the same steps per epoch and the same figures:
+# tests/test_train_cli.py::test_two_workers_match_one_and_share_pi. lr alone is the same code
+# without the EM step, trained on Ray Train by the demo and test_train_cli's calibrate test.
+@pytest.mark.parametrize("head", ["embed", "neighbors", "refine"])
 def test_every_head_trains_on_ray_train_with_one_and_two_workers(corpus, head):
     one = _train(corpus, f"{head}-1", head, 1)
     two = _train(corpus, f"{head}-2", head, 2)

@@ -48,7 +48,11 @@ class ServeConfig:
     # Search groups: deployments Searcher-0..G-1, each owning a subset of the index's shards (round
     # robin); the Ingress fans a query out to all and merges. 0 = one group per shard.
     search_groups: int = 0
-    searcher_cpus: float = 0.25  # per search group replica; its tag searches use a thread per whole CPU (≥ 1)
+    searcher_cpus: float = 0.25  # per search group replica
+    # threads a replica's tag search scans its shards with (layout.top_and); 0 = one per whole CPU of
+    # searcher_cpus, at least 1. More than it reserves when the node's cores are the Searchers' own
+    # (Ray does not pin a replica to its CPUs: a reservation is a count, not cores)
+    search_threads: int = 0
     search_timeout_s: float = 5.0  # a group that has not answered by then is missing from the answer (partial)
     group_retry_s: float = 2.0  # a group that failed is skipped (its shards reported missing) for this long
     # every replica re-reads index.json this often (when a request comes) and loads a newer version
@@ -66,6 +70,11 @@ class ServeConfig:
     rate_limit_per_s: float = 0.0  # requests per second per key and Ingress replica (429 above); 0 = none
     rate_limit_burst: int = 20  # requests a key may make at once before the rate applies
 
+    @property
+    def scan_threads(self) -> int:
+        """The threads of a Searcher's tag scan: search_threads, or one per whole CPU it reserves (≥ 1)."""
+        return self.search_threads or max(1, int(self.searcher_cpus))
+
     def __post_init__(self) -> None:
         from tagray.config import ConfigError
 
@@ -75,10 +84,10 @@ class ServeConfig:
                               "counts must be ≥ 1")
         numbers = (self.batch_wait_s, self.tagger_cpus, self.num_gpus, self.searcher_cpus, self.group_retry_s,
                    self.index_refresh_s)
-        if not all(math.isfinite(x) and x >= 0 for x in numbers) or min(self.torch_threads, self.search_groups,
-                                                                         self.max_offset) < 0:
+        if not all(math.isfinite(x) and x >= 0 for x in numbers) or min(self.torch_threads, self.search_threads,
+                                                                         self.search_groups, self.max_offset) < 0:
             raise ConfigError("batch_wait_s, tagger_cpus, num_gpus, searcher_cpus, group_retry_s, index_refresh_s, "
-                              "torch_threads, search_groups and max_offset must be finite and ≥ 0")
+                              "torch_threads, search_threads, search_groups and max_offset must be finite and ≥ 0")
         if not (math.isfinite(self.search_timeout_s) and self.search_timeout_s > 0):
             raise ConfigError("search_timeout_s must be finite and > 0")
         if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0) or self.rate_limit_burst < 1:
@@ -341,8 +350,8 @@ class SearchService:
         self.head = head if head is not None else load_image_tagger(model_dir, cfg.endpoint_url)
         self.info = info if info is not None else open_index(index_dir, cfg.endpoint_url)  # one version
         self.shards = list(self.info.shards) if shards is None else list(shards)
-        # checks the model and shards; a tag search scans with a thread per whole CPU the replica reserves
-        self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url, threads=int(cfg.searcher_cpus))
+        # checks the model and shards; a tag search scans with cfg.search_threads threads
+        self.group = ShardGroup(self.info, self.shards, self.head, cfg.endpoint_url, threads=cfg.scan_threads)
         # the vectors search by example needs: the embed head's f, a linear index's normalised features
         self.has_vectors = self.info.kind == "embeddings" or bool(self.info.meta.get("vectors"))
         self.deleted = frozenset(self.info.tombstones())
