@@ -492,8 +492,8 @@ def _corrupt_second_row_group(path: Path) -> bytes:
 
 
 def _free_cpus_settled(until: float | None = None, deadline_s: float = 30.0) -> float:
-    """The cluster's free CPUs once they reach `until` (or, without one, stop changing between two
-    reads 0.5 s apart), or what they are at the deadline."""
+    """The cluster's free CPUs once they are at least `until` (or, without one, stop changing
+    between two reads 0.5 s apart), or what they are at the deadline."""
     import time
 
     import ray
@@ -502,7 +502,7 @@ def _free_cpus_settled(until: float | None = None, deadline_s: float = 30.0) -> 
     last = None
     while True:
         now = float(ray.available_resources().get("CPU", 0.0))
-        if (now == until if until is not None else now == last) or time.monotonic() > end:
+        if (now >= until if until is not None else now == last) or time.monotonic() > end:
             return now
         last = now
         time.sleep(0.5)
@@ -526,7 +526,7 @@ def test_a_build_failing_midway_keeps_the_old_version_and_a_rerun_completes(worl
                   "--shards", "2") != 0
     # The failed pool's builders let go of their CPUs now (resources.released), not at Python's next
     # cycle collection: a re-run in this process beside a busy cluster would otherwise wait for them.
-    assert _free_cpus_settled(until=free) == free
+    assert _free_cpus_settled(until=free) >= free
     assert (out / "index.json").read_bytes() == committed  # still version 1, its shards intact
     info = open_index(str(out))
     assert info.version == 1 and search_all(info, head, columns=[1], k=3)
