@@ -194,10 +194,13 @@ def released(error: BaseException) -> BaseException:
     """
     log.debug("the pipeline failed", exc_info=error)
     seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
+    chain: list[BaseException] = [error]
+    while chain:  # the whole chain: an error raised `from` another has both a cause and a context
+        e = chain.pop()
+        if id(e) in seen:
+            continue
         seen.add(id(e))
         e.__traceback__ = None
-        e = e.__cause__ or e.__context__
+        chain += [c for c in (e.__cause__, e.__context__) if c is not None]
     gc.collect()
     return error

@@ -338,6 +338,12 @@ def test_sharded_tag_search_equals_unsharded_and_brute_force(world, tmp_path):
     sharded = search_all(infos[1], head, columns=[2, 3], k=10)
     assert [i for i, _, _ in whole.search([2, 3], 10)] == [h.image_id for h in sharded]
     assert np.allclose([s for _, _, s in whole.search([2, 3], 10)], [h.score for h in sharded], rtol=1e-6)
+    # a Searcher's service scans with ServeConfig.search_threads threads (not its reserved CPUs): the same answer
+    from tagray.serve.service import SearchService, ServeConfig
+
+    svc = SearchService(world["lr"], indexes[1], ServeConfig(model=world["lr"], search_threads=3))
+    assert svc.group.threads == 3
+    assert _key(svc.hits([head.vocab.tags[2], head.vocab.tags[3]], 10)) == _key(sharded)
     # min_score: the product cut-off keeps exactly the brute-force hits at or above it
     cols = [0, 1]
     brute = _brute_tags(world, head, cols, np.ones(IMAGES, bool))

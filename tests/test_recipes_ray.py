@@ -1,5 +1,6 @@
-"""Every head through the one Ray Train worker (1 and 2 workers), a Tune trial through the same
-loop, and the non-finite-loss guard under Ray Train — on a small corpus, a few epochs each."""
+"""Every head through the one Ray Train worker (1 and 2 workers; the linear heads' in
+test_train_cli), a Tune trial through the same loop, and the non-finite-loss guard under Ray
+Train — on a small corpus, a few epochs each."""
 
 from __future__ import annotations
 

@@ -16,3 +16,42 @@ def test_local_cpus_is_the_affinity_on_linux_and_the_cpu_count_where_the_os_has_
     assert resources.local_cpus() == 7
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert resources.local_cpus() == 1
+
+
+def test_released_frees_what_only_the_failed_frames_held_and_keeps_the_error():
+    """What a failed pipeline's frames hold in a reference cycle (as Ray Data's executor holds its
+    actor handles) is freed by `released`, before the error is raised again; the error, its
+    message and its cause are kept. Without `released` the object stays until a collection."""
+    import gc
+    import weakref
+
+    class Pool:  # stands in for the actors' handles
+        pass
+
+    def pipeline(ref: list) -> None:
+        pool = Pool()
+        pool.me = pool  # a cycle: only the cycle collector frees it
+        ref.append(weakref.ref(pool))
+        try:
+            raise KeyError("inner")
+        except KeyError as e:
+            raise RuntimeError("UDF failed to process a data block") from e
+
+    for release in (False, True):
+        gc.collect()
+        gc.disable()  # no automatic collection between the failure and the check
+        try:
+            ref: list = []
+            failure = None
+            try:
+                pipeline(ref)
+            except RuntimeError as e:
+                failure = e
+            assert failure is not None
+            out = resources.released(failure) if release else failure
+            assert (ref[0]() is None) == release
+            assert out is failure and str(out) == "UDF failed to process a data block"
+            assert isinstance(out.__cause__, KeyError) and str(out.__cause__) == "'inner'"
+            assert (out.__traceback__ is None) == release
+        finally:
+            gc.enable()
