@@ -59,19 +59,34 @@ def test_a_float16_pattern_shifted_into_float32_is_its_magnitude_scaled_by_2_to_
     assert over.min() > 0 and over.max() <= 2.0**-15 and (~normal).sum() == 1024  # the 1023 subnormals and −0
 
 
-@pytest.mark.parametrize("path", ["candidates", "scan"])
+def test_coarse_codes_bound_every_float16_magnitude_from_below_as_tightly_as_their_step_allows():
+    """_scan_codes' premise, for every float16 pattern: code/32 ≤ |x| for x ≤ 0 (so a sum of codes
+    never exceeds 32× the magnitude of the sum), the largest such code up to 255; no bound (0) for
+    +0, positive values and NaN."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x = patterns.view(np.float16).astype(np.float64)
+    codes = layout.coarse_codes(patterns.view(np.float16).reshape(1, -1))[0].astype(np.float64)
+    nonpositive = x <= 0
+    assert np.all(codes[nonpositive] / 32 <= -x[nonpositive])
+    below_cap = nonpositive & (codes < 255)
+    assert np.all((codes[below_cap] + 1) / 32 > -x[below_cap])  # the largest code that is a bound
+    assert codes[x <= -255 / 32].min() == 255 and np.all(codes[~nonpositive] == 0)
+
+
+@pytest.mark.parametrize("path", ["candidates", "scan", "codes"])
 def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_zeros(monkeypatch, path):
     """top_and's bound from a sample, its candidates (tag by tag: float16 patterns against the
-    bound; or `_scan`'s bound on every sum) and top_rows' sampled threshold give exactly the rows
-    and sums of summing and ranking every image, on shards big enough to take those paths: rare
-    and common tags, many ties, zeros (+0 and −0), subnormals, masks."""
+    bound; or a bound on every sum: `_scan`'s from the patterns, `_scan_codes`' from the coarse
+    codes) and top_rows' sampled threshold give exactly the rows and sums of summing and ranking
+    every image, on shards big enough to take those paths: rare and common tags, many ties, zeros
+    (+0 and −0), subnormals, masks."""
     monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)  # the sampled paths on small arrays too
     monkeypatch.setattr(layout, "SAMPLE_BLOCK", 8)  # samples spread over the small arrays
     monkeypatch.setattr(layout, "SCAN_CHUNK", 4096)  # several chunks, the last one short
     monkeypatch.setattr(layout, "CANDIDATES_AT_MOST", 1)  # candidates however many the bound keeps
     rng = np.random.default_rng(3)
     took = {"sampled": 0, "scanned": 0}
-    bound, scan = layout._sampled_bound, layout._scan
+    bound, scan = layout._sampled_bound, layout._scan_codes if path == "codes" else layout._scan
 
     def counting_bound(*a):
         out = bound(*a)
@@ -83,8 +98,8 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
         return scan(*a)
 
     monkeypatch.setattr(layout, "_sampled_bound", counting_bound)
-    monkeypatch.setattr(layout, "_scan", counting_scan)
-    if path == "scan":
+    monkeypatch.setattr(layout, "_scan_codes" if path == "codes" else "_scan", counting_scan)
+    if path != "candidates":
         monkeypatch.setattr(layout, "_candidates", lambda *a: None)
     for trial in range(90):
         n_img, tags = int(rng.integers(5_000, 40_000)), 6
@@ -110,24 +125,26 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
         if mask is not None:
             total[~mask] = -np.inf
         want = [i for i in np.lexsort((np.arange(n_img), -total)) if np.isfinite(total[i])][:n]
-        rows, sums = layout.top_and(log_p, cols, n, mask)
+        codes = layout.coarse_codes(log_p) if path == "codes" else None
+        rows, sums = layout.top_and(log_p, cols, n, mask, codes=codes)
         assert rows.tolist() == want, (trial, cols, n)
         assert np.array_equal(sums, total[want])
-        threaded = layout.top_and(log_p, cols, n, mask, threads=3)  # the scan split in contiguous parts
+        threaded = layout.top_and(log_p, cols, n, mask, threads=3, codes=codes)  # the scan in contiguous parts
         assert threaded[0].tolist() == want and np.array_equal(threaded[1], sums)
         assert layout.top_rows(total, n).tolist() == want
     assert took["sampled"] > 30  # the sampled bound was taken, not summing every image
-    assert (took["scanned"] >= took["sampled"]) if path == "scan" else (took["scanned"] < took["sampled"] / 2)
+    assert (took["scanned"] >= took["sampled"]) if path != "candidates" else (took["scanned"] < took["sampled"] / 2)
 
 
-@pytest.mark.parametrize("path", ["candidates", "scan"])
+@pytest.mark.parametrize("path", ["candidates", "scan", "codes"])
 @pytest.mark.parametrize("cols", [[0, 1], [2, 1], [1, 0, 2]])
 def test_top_and_keeps_the_image_whose_sum_is_exactly_the_bound_with_minus_zero_and_subnormals(monkeypatch, path, cols):
     """The top n lie in the sample and the n-th of them sums exactly to the bound, through −0 and a
-    subnormal (values _scan's shift makes larger in magnitude): it must still be found."""
+    subnormal (values _scan's shift makes larger in magnitude): it must still be found; and with
+    the coarse codes, whose bound is loosest exactly there, too."""
     monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)
     monkeypatch.setattr(layout, "SAMPLE_BLOCK", 8)
-    if path == "scan":
+    if path != "candidates":
         monkeypatch.setattr(layout, "_candidates", lambda *a: None)
     n_img, n = 20_000, 12
     levels = np.full((n_img, 3), -8.0)
@@ -138,7 +155,7 @@ def test_top_and_keeps_the_image_whose_sum_is_exactly_the_bound_with_minus_zero_
     total = layout.and_scores(log_p, cols)
     want = [int(i) for i in np.lexsort((np.arange(n_img), -total))[:n]]
     assert want[-1] == top[-1]
-    rows, sums = layout.top_and(log_p, cols, n)
+    rows, sums = layout.top_and(log_p, cols, n, codes=layout.coarse_codes(log_p) if path == "codes" else None)
     assert rows.tolist() == want and np.array_equal(sums, total[want])
 
 
@@ -344,6 +361,12 @@ def test_sharded_tag_search_equals_unsharded_and_brute_force(world, tmp_path):
     svc = SearchService(world["lr"], indexes[1], ServeConfig(model=world["lr"], search_threads=3))
     assert svc.group.threads == 3
     assert _key(svc.hits([head.vocab.tags[2], head.vocab.tags[3]], 10)) == _key(sharded)
+    # … and holds its shards' coarse codes (ServeConfig.scan_codes, on by default), or none when told not to
+    shard = svc.group.shards[0]
+    assert shard.codes.dtype == np.uint8 and np.array_equal(shard.codes, layout.coarse_codes(shard.log_p))
+    lean = SearchService(world["lr"], indexes[1], ServeConfig(model=world["lr"], scan_codes=False))
+    assert lean.group.shards[0].codes is None
+    assert _key(lean.hits([head.vocab.tags[2], head.vocab.tags[3]], 10)) == _key(sharded)
     # min_score: the product cut-off keeps exactly the brute-force hits at or above it
     cols = [0, 1]
     brute = _brute_tags(world, head, cols, np.ones(IMAGES, bool))

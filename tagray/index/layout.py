@@ -7,6 +7,10 @@ with respect to the stored values: every shard sums the same float16 rows in the
 in float32, so an image's score is one number whichever shard holds it, and merging the
 shards' top-n by (-score, global row) equals the unsharded ranking (tests/test_index_shards.py).
 
+A Searcher may also hold `coarse_codes` (uint8 ⌊|log P|·32⌋, one byte per image and tag, not
+stored): they only bound which images can reach a query's top n (`_scan_codes`), so the ranking
+stays the float16 one.
+
 The alternative measured here, int8 log-probabilities (a per-tag affine code over the row's
 range, 1 byte per image per tag), is not exact: `quantisation_loss` measures what it loses
 (recall@k and rank agreement against float16) and benchmarks/index_build.py reports it.
@@ -89,8 +93,8 @@ def _exact_top(total: np.ndarray, n: int) -> np.ndarray:
     return cand[order]
 
 
-def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None = None, threads: int = 1
-            ) -> tuple[np.ndarray, np.ndarray]:
+def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | None = None, threads: int = 1,
+            codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(rows, Σ_j log P of those rows): the exact top n of `and_scores(log_p, columns)` among the
     rows `mask` keeps (None: all), in `top_rows`' order, with the same float32 sums.
 
@@ -100,14 +104,18 @@ def top_and(log_p: np.ndarray, columns: list[int], n: int, mask: np.ndarray | No
     and ranked; the others cannot be in the top n, so the answer equals summing every image
     (tests/test_index_shards.py). Those images are found either tag by tag (`_candidates`: each value ≥ t,
     by comparing float16 bit patterns as integers — one integer pass when a tag is selective), or,
-    when no tag is (common tags, narrow ranges), by `_scan`: a bound on every image's sum from the
-    float16 patterns shifted into float32 magnitudes, two integer and float passes per tag instead
-    of numpy's float16 cast, split over `threads` (BENCHMARKS, *Search over HTTP, sharded*)."""
+    when no tag is (common tags, narrow ranges), by a bound on every image's sum, split over
+    `threads`: from the shard's `coarse_codes` when given (`_scan_codes`: one byte per image and
+    tag, integer adds), else from the float16 patterns shifted into float32 magnitudes (`_scan`:
+    two integer and float passes per tag instead of numpy's float16 cast) (BENCHMARKS, *Search
+    over HTTP, sharded*)."""
     size = log_p.shape[1] if log_p.ndim == 2 else 0
     if (log_p.dtype == np.float16 and size > SAMPLED_ABOVE and n * SAMPLE_STRIDE * 4 <= size
             and (t := _sampled_bound(log_p, columns, n, mask)) is not None):
         found = _candidates(log_p, columns, t, mask)
-        if found is None:
+        if found is None and codes is not None and len(columns) <= CODES_SUMMED_AT_MOST:
+            found = _scan_codes(codes, columns, t, mask, threads)
+        elif found is None:
             found = _scan(log_p, columns, t, mask, threads)
         total = _sum_rows(log_p, columns, found)
         local = _exact_top(total, n)
@@ -202,6 +210,12 @@ def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | No
             found.append(local + start)
         return found
 
+    return _in_parts(size, chunk, threads, part)
+
+
+def _in_parts(size: int, chunk: int, threads: int, part) -> np.ndarray:
+    """`part(lo, hi)` (a list of ascending row arrays) over [0, size) split into `threads` contiguous
+    parts on whole chunks, run at once; their rows concatenated, ascending."""
     chunks = -(-size // chunk)
     parts = min(max(1, threads), chunks)
     edges = [size * i // parts // chunk * chunk for i in range(parts)] + [size]
@@ -210,6 +224,69 @@ def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | No
     else:
         found = [f for got in _pool(parts).map(part, edges[:-1], edges[1:]) for f in got]
     return np.concatenate(found) if found else np.zeros(0, np.int64)
+
+
+# --- coarse codes: one byte per image and tag, a lower bound on |log P| ---------------------------
+
+CODE_STEPS = 32  # coarse codes count |log P| in steps of 1/32 nat …
+CODE_MAX = 255  # … up to 255/32 ≈ 8 nats (P ≈ 3.4e-4); larger magnitudes all code 255
+CODES_SUMMED_AT_MOST = 257  # query tags _scan_codes sums in uint16 (257 × 255 ≤ 65535); more: _scan
+
+
+def _code_table() -> np.ndarray:
+    """The code of every float16 bit pattern: min(255, ⌊−x·32⌋) for x ≤ 0 (exact: x·32 is exact in
+    float64), 0 for +0, positive values and NaN (no bound: such an image is always a candidate)."""
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        code = np.floor(np.where(x < 0, -x, 0.0) * CODE_STEPS)
+    return np.where(np.isnan(code), 0, np.minimum(code, CODE_MAX)).astype(np.uint8)
+
+
+def coarse_codes(log_p: np.ndarray) -> np.ndarray:
+    """(T, n) uint8 codes of a (T, n) float16 layout: ⌊|x|·32⌋ capped at 255, so code/32 ≤ |x| for
+    every value — the bound `_scan_codes` sums. One byte per image and tag more in RAM (a Searcher
+    computes them when it loads a shard: ServeConfig.scan_codes), read a tag row at a time."""
+    table = _code_table()
+    out = np.empty(log_p.shape, np.uint8)
+    bits = log_p.view(np.uint16)
+    for c in range(bits.shape[0]):
+        np.take(table, bits[c], out=out[c])
+    return out
+
+
+def _scan_codes(codes: np.ndarray, columns: list[int], t: float, mask: np.ndarray | None, threads: int = 1
+                ) -> np.ndarray:
+    """`_scan` from the coarse codes: the rows (ascending) whose Σ_j code_j can come from a sum ≥ t.
+
+    An image summing S ≥ t in float32 (m − 1 roundings, each within 2⁻²⁴ relative of nonpositive
+    partial sums) has an exact sum R with |R| ≤ |t|·(1 + m·2⁻²³), and Σ code_j ≤ 32·Σ|x_j| = 32·|R|;
+    Σ code_j is an integer, so keeping the images with Σ code_j ≤ ⌊32·|t|·(1 + m·2⁻²⁰)⌋ leaves
+    none of them out. One byte read per image and tag and uint16 adds (about 2× `_scan` at 10M;
+    BENCHMARKS); the caller sums the candidates exactly."""
+    m = len(columns)
+    limit = min(int(np.floor(-t * CODE_STEPS * (1 + m * 2.0**-20))), 0xFFFF)  # ≥ 255·m: every image passes
+    size = codes.shape[1]
+    chunk = min(SCAN_CHUNK, size)
+
+    def part(lo: int, hi: int) -> list[np.ndarray]:
+        acc = np.empty(chunk, np.uint16)
+        found = []
+        for start in range(lo, hi, chunk):
+            stop = min(hi, start + chunk)
+            a = acc[: stop - start]
+            if m == 1:
+                np.copyto(a, codes[columns[0], start:stop])
+            else:
+                np.add(codes[columns[0], start:stop], codes[columns[1], start:stop], out=a, dtype=np.uint16)
+            for c in columns[2:]:
+                np.add(a, codes[c, start:stop], out=a, dtype=np.uint16)
+            local = np.flatnonzero(a <= limit)
+            if mask is not None:
+                local = local[mask[start + local]]
+            found.append(local + start)
+        return found
+
+    return _in_parts(size, chunk, threads, part)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

@@ -76,6 +76,7 @@ class _Shard:
     columns: dict[str, pa.Array]
     log_p: np.ndarray | None
     vectors: object | None  # faiss index
+    codes: np.ndarray | None = None  # layout.coarse_codes of log_p (ShardGroup codes=True)
     _masks: dict = field(default_factory=dict)
     _dead: tuple = (None, None)
 
@@ -90,7 +91,7 @@ class _Shard:
         return Hit(self.ids[i].as_py(), score, self.uris[i].as_py(), int(self.rows[i]))
 
 
-def _load_shard(info: fmt.IndexInfo, name: str) -> _Shard:
+def _load_shard(info: fmt.IndexInfo, name: str, codes: bool = False) -> _Shard:
     uri, endpoint = info.shard_uri(name), info.endpoint_url
     images = schema.read_table(storage.join(uri, fmt.IMAGES_FILE), endpoint_url=endpoint)
     n = images.num_rows
@@ -109,15 +110,16 @@ def _load_shard(info: fmt.IndexInfo, name: str) -> _Shard:
         if vectors.ntotal != n:
             raise schema.SchemaError(f"{storage.redact(vec)}: holds {vectors.ntotal} vectors, {fmt.IMAGES_FILE} {n}")
     return _Shard(name, images.column("image_id").combine_chunks(), images.column("uri").combine_chunks(), rows,
-                  cols, log_p, vectors)
+                  cols, log_p, vectors, layout.coarse_codes(log_p) if codes and log_p is not None else None)
 
 
 class ShardGroup:
     """What one Searcher replica holds: a subset of the shards of one index, loaded whole; a tag
-    search scans a shard with `threads` threads (layout.top_and)."""
+    search scans a shard with `threads` threads (layout.top_and), from the shard's coarse codes
+    when `codes` (one byte per image and tag more in RAM, a faster scan of common tags)."""
 
     def __init__(self, info: fmt.IndexInfo, shard_names: list[str], head, endpoint_url: str | None = None,
-                 threads: int = 1) -> None:
+                 threads: int = 1, codes: bool = False) -> None:
         if endpoint_url is not None and info.endpoint_url != endpoint_url:
             info = fmt.open_index(info.uri, endpoint_url)
         check_index_matches(info.meta, head, storage.redact(info.uri))
@@ -128,7 +130,7 @@ class ShardGroup:
         self.info, self.head, self.threads = info, head, max(1, int(threads))
         self.kind = info.kind
         self.shard_names = list(shard_names)
-        self.shards = [_load_shard(info, s) for s in shard_names]
+        self.shards = [_load_shard(info, s, codes) for s in shard_names]
         self.images = sum(len(s) for s in self.shards)
         self.date_column = info.meta.get("date_column")
 
@@ -195,7 +197,8 @@ class ShardGroup:
         for shard in self.shards:
             if not len(shard):
                 continue
-            top, sums = layout.top_and(shard.log_p, columns, n, self._mask(shard, filters, deleted), self.threads)
+            top, sums = layout.top_and(shard.log_p, columns, n, self._mask(shard, filters, deleted), self.threads,
+                                       shard.codes)
             hits.append([shard.hit(int(i), float(np.exp(np.float64(s)))) for i, s in zip(top, sums, strict=True)])
         out = merge_hits(hits, n)
         return [h for h in out if h.score >= min_score] if min_score is not None else out
