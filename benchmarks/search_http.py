@@ -139,14 +139,28 @@ def post_similar(url: str):
     return one
 
 
-def deploy(args: dict, port: int, searcher_cpus: float = 0.25, search_threads: int = 0) -> str:
+def deploy(args: dict, port: int, searcher_cpus: float = 0.25, search_threads: int = 0, scan_codes: bool = True) -> str:
     from ray import serve
 
     from tagray.commands.serve import start
 
     serve.shutdown()
     return start({**args, "tagger_cpus": 0.1, "searcher_cpus": searcher_cpus, "search_threads": search_threads,
-                  "search_timeout_s": 30.0}, "127.0.0.1", port)
+                  "scan_codes": scan_codes, "search_timeout_s": 30.0}, "127.0.0.1", port)
+
+
+def searcher_rss_mb() -> float:
+    """RSS of the Serve app's Searcher replicas (their process titles name the deployment), MB."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        try:
+            if "Searcher" in " ".join(proc.info["cmdline"] or []):
+                total += proc.info["memory_info"].rss
+        except (psutil.Error, TypeError):
+            continue
+    return round(total / 2**20, 1)
 
 
 def du(path: str) -> int:
@@ -172,6 +186,11 @@ def main() -> None:
     p.add_argument("--search-threads", type=int, nargs="+", default=[0],
                    help="ServeConfig.search_threads: each index is deployed and searched with each (0: one per whole "
                         "CPU of --searcher-cpus, at least 1)")
+    p.add_argument("--scan-codes", nargs="+", choices=["on", "off"], default=["on"],
+                   help="ServeConfig.scan_codes: each index is deployed and searched with each (on: the Searchers "
+                        "bound multi-tag scans from coarse codes, one byte per image and tag more)")
+    p.add_argument("--repeat", type=int, default=1, help="deploy and search each setting this many times, "
+                                                          "interleaved (A B A B: the VM's hour moves both alike)")
     p.add_argument("--out", default="benchmarks/results/search_http.json")
     args = p.parse_args()
 
@@ -216,12 +235,14 @@ def main() -> None:
         queries = {n: [",".join(rng.choice(pool, n, replace=False)) for _ in range(args.queries)] for n in (1, 2, 3)}
         answers: dict = {}
         result["search"] = {}
-        runs = [(name, index, threads) for name, index in ({} if args.no_tags else indexes).items()
-                for threads in args.search_threads]
-        for name, index, threads in runs:
-            label = name if len(args.search_threads) == 1 else f"{name}_threads{threads}"
-            url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus, threads)
-            rows = {}
+        runs = [(name, index, threads, codes, r) for r in range(args.repeat)
+                for name, index in ({} if args.no_tags else indexes).items()
+                for threads in args.search_threads for codes in args.scan_codes]
+        for name, index, threads, codes, r in runs:
+            label = name + (f"_threads{threads}" if len(args.search_threads) > 1 else "") + \
+                (f"_codes_{codes}" if len(args.scan_codes) > 1 else "") + (f"_run{r + 1}" if args.repeat > 1 else "")
+            url = deploy({"model": model, "index": index}, args.port, args.searcher_cpus, threads, codes == "on")
+            rows = {"searcher_rss_mb": searcher_rss_mb()}
             for n, qs in queries.items():
                 rows[f"{n}_tag"], answers[(label, n)] = timed(get_search(url), qs)
                 print(f"search {label} {n}-tag: {rows[f'{n}_tag']}", flush=True)

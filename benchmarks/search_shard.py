@@ -1,8 +1,10 @@
 """One shard's tag search in process, by scale: the AND ranking (seed 001 §5.3) by summing every
 image (and_scores + an exact top n), by `layout.top_and` as of an earlier commit (imported from
 `git show COMMIT:tagray/index/layout.py`), and by today's `layout.top_and` with 1 and 2 threads,
-on the first N images of a built shard (1×, 10×, 100×), the same queries for each, answers
-compared. The shard's rows are read into RAM first, as a Searcher holds them.
+bounding sums from the float16 patterns (`_scan`) and from the coarse codes a Searcher holds
+(`_scan_codes`, ServeConfig.scan_codes), on the first N images of a built shard (1×, 10×, 100×),
+the same queries for each, answers compared. The shard's rows are read into RAM first, as a
+Searcher holds them.
 
     .venv/bin/python benchmarks/search_shard.py --shard DIR/k1/shard-00000 --images 100000 1000000 10000000
 """
@@ -81,11 +83,16 @@ def main() -> None:
                     "command": " ".join(sys.argv), "shard": args.shard, "k": args.k, "before": args.before, "runs": []}
     for images in args.images:
         log_p = np.array(stored[: args.tags, :images])  # into RAM
+        t0 = time.perf_counter()
+        codes = layout.coarse_codes(log_p)
         methods = {"sum_every_image": lambda c, lp=log_p: sum_everything(lp, c, args.k),
                    f"top_and_{args.before}": lambda c, lp=log_p: before.top_and(lp, c, args.k),
                    "top_and_1_thread": lambda c, lp=log_p: layout.top_and(lp, c, args.k),
-                   "top_and_2_threads": lambda c, lp=log_p: layout.top_and(lp, c, args.k, threads=2)}
-        run: dict = {"images": images}
+                   "top_and_2_threads": lambda c, lp=log_p: layout.top_and(lp, c, args.k, threads=2),
+                   "codes_1_thread": lambda c, lp=log_p, cc=codes: layout.top_and(lp, c, args.k, codes=cc),
+                   "codes_2_threads": lambda c, lp=log_p, cc=codes: layout.top_and(lp, c, args.k, threads=2, codes=cc)}
+        run: dict = {"images": images, "codes_seconds": round(time.perf_counter() - t0, 3),
+                     "codes_seconds_per_million_values": round((time.perf_counter() - t0) / log_p.size * 1e6, 4)}
         for m, qs in queries.items():
             row, answers = {}, {}
             for name, fn in methods.items():
