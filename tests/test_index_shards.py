@@ -83,6 +83,7 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
     monkeypatch.setattr(layout, "SAMPLED_ABOVE", 1000)  # the sampled paths on small arrays too
     monkeypatch.setattr(layout, "SAMPLE_BLOCK", 8)  # samples spread over the small arrays
     monkeypatch.setattr(layout, "SCAN_CHUNK", 4096)  # several chunks, the last one short
+    monkeypatch.setattr(layout, "PART_ROWS_AT_LEAST", 4096)  # threads split these small shards too
     monkeypatch.setattr(layout, "CANDIDATES_AT_MOST", 1)  # candidates however many the bound keeps
     rng = np.random.default_rng(3)
     took = {"sampled": 0, "scanned": 0}
@@ -99,6 +100,8 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
 
     monkeypatch.setattr(layout, "_sampled_bound", counting_bound)
     monkeypatch.setattr(layout, "_scan_codes" if path == "codes" else "_scan", counting_scan)
+    pool = layout._pool
+    monkeypatch.setattr(layout, "_pool", lambda threads: took.__setitem__("split", threads) or pool(threads))
     if path != "candidates":
         monkeypatch.setattr(layout, "_candidates", lambda *a: None)
     for trial in range(90):
@@ -133,6 +136,7 @@ def test_top_and_equals_summing_every_image_on_large_shards_with_ties_masks_and_
         assert threaded[0].tolist() == want and np.array_equal(threaded[1], sums)
         assert layout.top_rows(total, n).tolist() == want
     assert took["sampled"] > 30  # the sampled bound was taken, not summing every image
+    assert took.get("split") == 3 or path == "candidates"  # the threaded scans ran in 3 parts
     assert (took["scanned"] >= took["sampled"]) if path != "candidates" else (took["scanned"] < took["sampled"] / 2)
 
 
@@ -157,6 +161,22 @@ def test_top_and_keeps_the_image_whose_sum_is_exactly_the_bound_with_minus_zero_
     assert want[-1] == top[-1]
     rows, sums = layout.top_and(log_p, cols, n, codes=layout.coarse_codes(log_p) if path == "codes" else None)
     assert rows.tolist() == want and np.array_equal(sums, total[want])
+
+
+def test_a_scan_is_split_over_threads_only_in_parts_of_at_least_two_million_images():
+    calls = []
+
+    def part(lo: int, hi: int) -> list[np.ndarray]:
+        calls.append((lo, hi))
+        return [np.arange(lo, hi, 500_000)]
+
+    for size, threads, want in ((1_000_000, 2, 1), (4_000_000, 4, 1), (4_194_304, 4, 2), (10_000_000, 2, 2),
+                                (10_000_000, 8, 4)):
+        calls.clear()
+        rows = layout._in_parts(size, layout.SCAN_CHUNK, threads, part)
+        assert len(calls) == want, (size, threads)
+        assert calls[0][0] == 0 and calls[-1][1] == size and all(a[1] == b[0] for a, b in zip(calls[:-1], calls[1:], strict=True))
+        assert np.array_equal(rows, np.concatenate([np.arange(lo, hi, 500_000) for lo, hi in calls]))
 
 
 def test_split_runs_cuts_selected_rows_into_contiguous_near_equal_parts():

@@ -24,8 +24,9 @@ from tagray.data import storage
 from tests.commands import cli
 from tests.serving import deploy, error_of, wait_for
 
-# four groups, the Tagger and the Ingress leave room for index builders; each group's tag scan in two
-# threads (layout._scan's split), so the sharded answers below are checked on the threaded path too
+# four groups, the Tagger and the Ingress leave room for index builders; search_threads set as a
+# multi-core deployment would (shards this small are summed whole: the threaded split of large
+# ones is checked against summing every image in test_index_shards)
 LOW = {"searcher_cpus": 0.1, "search_threads": 2}
 
 

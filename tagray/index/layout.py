@@ -172,6 +172,7 @@ def _candidates(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarra
 
 
 SCAN_CHUNK = 1 << 18  # images per pass of _scan: its two work arrays (1 MiB each) stay in cache
+PART_ROWS_AT_LEAST = 1 << 21  # a scan is split over threads only in parts of ≥ 2M images
 _MAGNITUDE = 2.0**-80  # a float16 pattern of x ≤ 0, shifted left 13, is the float32 |x|·2⁻⁸⁰
 
 
@@ -215,9 +216,10 @@ def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | No
 
 def _in_parts(size: int, chunk: int, threads: int, part) -> np.ndarray:
     """`part(lo, hi)` (a list of ascending row arrays) over [0, size) split into `threads` contiguous
-    parts on whole chunks, run at once; their rows concatenated, ascending."""
+    parts on whole chunks, run at once, each of at least PART_ROWS_AT_LEAST rows (below that the
+    hand-off to the pool costs more than the part: BENCHMARKS); their rows concatenated, ascending."""
     chunks = -(-size // chunk)
-    parts = min(max(1, threads), chunks)
+    parts = min(max(1, threads), chunks, max(1, size // PART_ROWS_AT_LEAST))
     edges = [size * i // parts // chunk * chunk for i in range(parts)] + [size]
     if parts == 1:
         found = part(0, size)
