@@ -191,13 +191,11 @@ def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | No
     size, m = bits.shape[1], len(columns)
     limit = np.float32((-t * (1 + m * 2.0**-20) + m * 2.0**-14) * _MAGNITUDE)
     limit = np.nextafter(limit, np.float32(np.inf))
-    chunk = min(SCAN_CHUNK, size)
 
-    def part(lo: int, hi: int) -> list[np.ndarray]:
+    def summer(chunk: int):
         word, acc = np.empty(chunk, np.uint32), np.empty(chunk, np.float32)
-        found = []
-        for start in range(lo, hi, chunk):
-            stop = min(hi, start + chunk)
+
+        def sums(start: int, stop: int) -> np.ndarray:
             w, a = word[: stop - start], acc[: stop - start]
             for j, c in enumerate(columns):
                 np.left_shift(bits[c, start:stop], 13, out=w, dtype=np.uint32, casting="unsafe")
@@ -205,7 +203,23 @@ def _scan(log_p: np.ndarray, columns: list[int], t: float, mask: np.ndarray | No
                     a += w.view(np.float32)
                 else:
                     np.copyto(a, w.view(np.float32))
-            local = np.flatnonzero(a <= limit)
+            return a
+        return sums
+
+    return _rows_within(size, limit, mask, threads, summer)
+
+
+def _rows_within(size: int, limit, mask: np.ndarray | None, threads: int, summer) -> np.ndarray:
+    """The rows (ascending) of [0, size) whose per-image bound is ≤ `limit` and that `mask` keeps,
+    chunk by chunk of SCAN_CHUNK images: `summer(chunk)` gives each part its own work arrays and
+    returns `sums(start, stop)`, the bound of images start…stop−1 (`_scan`, `_scan_codes`)."""
+    chunk = min(SCAN_CHUNK, size)
+
+    def part(lo: int, hi: int) -> list[np.ndarray]:
+        sums, found = summer(chunk), []
+        for start in range(lo, hi, chunk):
+            stop = min(hi, start + chunk)
+            local = np.flatnonzero(sums(start, stop) <= limit)
             if mask is not None:
                 local = local[mask[start + local]]
             found.append(local + start)
@@ -267,14 +281,11 @@ def _scan_codes(codes: np.ndarray, columns: list[int], t: float, mask: np.ndarra
     BENCHMARKS); the caller sums the candidates exactly."""
     m = len(columns)
     limit = min(int(np.floor(-t * CODE_STEPS * (1 + m * 2.0**-20))), 0xFFFF)  # ≥ 255·m: every image passes
-    size = codes.shape[1]
-    chunk = min(SCAN_CHUNK, size)
 
-    def part(lo: int, hi: int) -> list[np.ndarray]:
+    def summer(chunk: int):
         acc = np.empty(chunk, np.uint16)
-        found = []
-        for start in range(lo, hi, chunk):
-            stop = min(hi, start + chunk)
+
+        def sums(start: int, stop: int) -> np.ndarray:
             a = acc[: stop - start]
             if m == 1:
                 np.copyto(a, codes[columns[0], start:stop])
@@ -282,13 +293,10 @@ def _scan_codes(codes: np.ndarray, columns: list[int], t: float, mask: np.ndarra
                 np.add(codes[columns[0], start:stop], codes[columns[1], start:stop], out=a, dtype=np.uint16)
             for c in columns[2:]:
                 np.add(a, codes[c, start:stop], out=a, dtype=np.uint16)
-            local = np.flatnonzero(a <= limit)
-            if mask is not None:
-                local = local[mask[start + local]]
-            found.append(local + start)
-        return found
+            return a
+        return sums
 
-    return _in_parts(size, chunk, threads, part)
+    return _rows_within(codes.shape[1], limit, mask, threads, summer)
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
