@@ -348,9 +348,13 @@ def test_api_keys_401_403_429_over_http_and_the_page_asks_for_a_key(app):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return requests.get(f"{app['url']}{path}", params=params, headers=headers, timeout=30)
 
+    from tests.serving import actor_pid
+
+    tagger = actor_pid("Tagger")
     driver = _chromium()
     try:
         deploy(app, {**app["args"], "api_keys": keys})
+        assert actor_pid("Tagger") == tagger  # keys are the Ingress's: the Tagger keeps running (app.READS)
         assert get("healthz").status_code == 200 and get("").status_code == 200  # probes and the page stay open
         for path in ("v1/tags", "v1/model", "v1/search"):
             r = get(path, q=known)

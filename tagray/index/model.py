@@ -6,10 +6,18 @@ linear head (the L2-normalised feature)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from tagray.data import schema
-from tagray.heads.embed_artifact import SavedEmbedHead
+
+# torch and the embed head's artifact are imported where a head is used: `tagray.index` (its format,
+# shard groups and merge) is imported by Serve's Ingress, which holds no model.
+
+
+def is_embed(head) -> bool:
+    """Whether `head` is the embed head (seed 004) rather than a linear or refine one."""
+    from tagray.heads.embed_artifact import SavedEmbedHead
+
+    return isinstance(head, SavedEmbedHead)
 
 
 def head_digest(head) -> str:
@@ -20,12 +28,12 @@ def head_digest(head) -> str:
 
 
 def index_kind(head) -> str:
-    return "embeddings" if isinstance(head, SavedEmbedHead) else "predictions"
+    return "embeddings" if is_embed(head) else "predictions"
 
 
 def model_identity(head) -> dict:
     """The index.json / shard.json keys naming the model an index was built with."""
-    if isinstance(head, SavedEmbedHead):
+    if is_embed(head):
         return {"kind": "embeddings", "mlp_digest": head.mlp_digest, "dim": int(head.vectors.shape[1])}
     return {"kind": "predictions", "weights_digest": head_digest(head), "tags": int(head.model.tags),
             "vocabulary_version": head.vocab.version}
@@ -34,11 +42,11 @@ def model_identity(head) -> dict:
 def check_index_matches(meta: dict, head, where: str) -> None:
     """Refuses an index (by its index.json) built with another model than `head` (SchemaError)."""
     if meta.get("kind") == "predictions":
-        if isinstance(head, SavedEmbedHead) or meta.get("weights_digest") != head_digest(head):
+        if is_embed(head) or meta.get("weights_digest") != head_digest(head):
             raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}); "
                                      "rebuild it with `tagray index --model …`")
         return
-    if not isinstance(head, SavedEmbedHead):
+    if not is_embed(head):
         raise schema.SchemaError(f"{where}: an image-embedding index needs an embed model, not {head.config.head!r}")
     if meta.get("mlp_digest") != head.mlp_digest:
         raise schema.SchemaError(f"{where}: built with another model ({meta.get('model')!r}, h digest "
@@ -47,13 +55,17 @@ def check_index_matches(meta: dict, head, where: str) -> None:
 
 def log_p_true(head, x: np.ndarray) -> np.ndarray:
     """(B, T) log P(z=1|x) of a linear/refine head (float32)."""
+    import torch
+
     with torch.inference_mode():
         _, log_true = head.model.probabilities(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
     return log_true.numpy()
 
 
-def embed(head: SavedEmbedHead, x: np.ndarray) -> np.ndarray:
-    """(B, d) f = h(x) of the embed head (float32)."""
+def embed(head, x: np.ndarray) -> np.ndarray:
+    """(B, d) f = h(x) of the embed head (a SavedEmbedHead; float32)."""
+    import torch
+
     with torch.inference_mode():
         return head.mlp(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
 
@@ -68,4 +80,4 @@ def normalised(x: np.ndarray) -> np.ndarray:
 def example_vector(head, x: np.ndarray) -> np.ndarray:
     """The vector `similar()` searches with for an image of features x (B, D): f = h(x) for the
     embed head, the normalised feature for a linear head."""
-    return embed(head, x) if isinstance(head, SavedEmbedHead) else normalised(x)
+    return embed(head, x) if is_embed(head) else normalised(x)

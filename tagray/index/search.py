@@ -24,7 +24,6 @@ import pyarrow.compute as pc
 
 from tagray.config import ConfigError
 from tagray.data import schema, storage
-from tagray.heads.embed_artifact import SavedEmbedHead
 from tagray.index import faiss_index, layout
 from tagray.index import format as fmt
 from tagray.index.model import check_index_matches, example_vector
@@ -304,10 +303,6 @@ def search_all(info: fmt.IndexInfo, head, *, columns: list[int] | None = None, v
 
 def hits_json(hits: list[Hit]) -> list[dict]:
     return [{"image_id": h.image_id, "uri": h.uri, "score": h.score, "row": h.row} for h in hits]
-
-
-def is_embed(head) -> bool:
-    return isinstance(head, SavedEmbedHead)
 
 
 def shard_groups(shards: list[str], groups: int) -> list[list[str]]:

@@ -640,7 +640,7 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": cfg.tagger_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=max(4 * cfg.batch_size, 32),
         user_config={"model": cfg.model},
-    ), config).bind(config)
+    ), view(config, "Tagger")).bind(view(config, "Tagger"))
     searchers, index = [], None
     if cfg.index:
         info = open_index(cfg.index, cfg.endpoint_url)
@@ -648,19 +648,40 @@ def build_app(args: dict) -> serve.Application:
         searchers = [_versioned(Searcher.options(name=f"Searcher-{g}", num_replicas=cfg.searcher_replicas,
                                                  ray_actor_options={"num_cpus": cfg.searcher_cpus},
                                                  user_config={"model": cfg.model, "index": cfg.index, "group": g,
-                                                              "groups": len(groups)}), config).bind(config)
+                                                              "groups": len(groups)}),
+                                 view(config, "Searcher")).bind(view(config, "Searcher"))
                      for g in range(len(groups))]
         index = {"uri": cfg.index, "version": int(info.version), "kind": info.kind, "groups": groups}
     feedback = None
     if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
         feedback = _versioned(Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                                user_config={"model": cfg.model, "index": cfg.index}),
-                              config).bind(config)
+                              view(config, "Feedback")).bind(view(config, "Feedback"))
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
                               user_config={"index": index})
     # the Ingress holds a handle per search group: a different number of groups is a new Ingress
     return _versioned(ingress, config, groups=len(searchers), feedback=feedback is not None).bind(
         tagger, searchers, feedback, config)
+
+
+# The ServeConfig fields each deployment's replicas read (their constructors, reconfigure and the
+# services they hold). A deployment is given only these — the others at their defaults — and its code
+# version digests only these, so a changed setting replaces only the replicas that read it: new API
+# keys or search groups restart the Ingress (and the groups), not the Tagger with its backbone on a
+# GPU. The Ingress reads the whole config. (tests/test_serve_views.py runs each deployment's code
+# with a config that records what is read, and fails on a field missing here.)
+READS: dict[str, tuple[str, ...]] = {
+    "Tagger": ("base_dir", "endpoint_url", "weights", "max_image_bytes", "max_pixels", "batch_size",
+               "batch_wait_s", "torch_threads", "num_gpus"),
+    "Searcher": ("base_dir", "endpoint_url", "max_image_bytes", "max_query_terms", "max_k", "max_offset",
+                 "searcher_cpus", "search_threads", "scan_codes", "index_refresh_s"),
+    "Feedback": ("base_dir", "endpoint_url", "feedback"),
+}
+
+
+def view(config: dict, deployment: str) -> dict:
+    """`config` (a ServeConfig as a dict) as `deployment` is given it: only the fields it reads (READS)."""
+    return {name: config[name] for name in READS[deployment] if name in config}
 
 
 def _versioned(deployment: serve.Deployment, config: dict, **more) -> serve.Deployment:

@@ -4,6 +4,9 @@ tagray/serve/app.py wires it to HTTP and replicas.
 
 Errors are `RequestError`s (tagray/serve/errors.py) carrying the HTTP status they map to and
 a message naming the problem: 4xx for what a client sent, 502/503/504 for a store that failed.
+
+torch is imported where a model runs, not by this module: the Ingress replica imports it for its
+settings and holds no model (tests/test_serve_views.py).
 """
 
 from __future__ import annotations
@@ -15,10 +18,8 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tagray.data import storage
-from tagray.features.backbone import build_backbone, read_weights
 from tagray.features.decode import ImageError, decode
 from tagray.serve.errors import RequestError, shown
 
@@ -126,6 +127,8 @@ def resolve(uri: str, base_dir: str | None) -> str:
 def load_backbone(identity: dict, weights: str | None = None, endpoint_url: str | None = None):
     """The backbone a model's features came from, rebuilt from its identity (random weights
     from their recorded seed; a weights file must have the recorded digest)."""
+    from tagray.features.backbone import build_backbone, read_weights
+
     digest = identity["weights_digest"]
     if digest.startswith("random-seed-"):
         state, seed = None, int(digest.removeprefix("random-seed-"))
@@ -146,6 +149,8 @@ class TaggingService:
     """Backbone + head of a model directory: decoded images → top-k tags with P(y) and P(z)."""
 
     def __init__(self, model_dir: str, cfg: ServeConfig) -> None:
+        import torch
+
         from tagray.heads.models import load_image_tagger
 
         self.cfg = cfg
@@ -190,6 +195,8 @@ class TaggingService:
 
     def probabilities(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, S, S, 3) uint8 → (P(y=1|x), P(z=1|x)), each (B, T)."""
+        import torch
+
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float()
             features = self.backbone(x.sub_(self.mean).div_(self.std))
@@ -206,6 +213,8 @@ class TaggingService:
         """Decoded images → vectors in the index's space, for search by example (POST /v1/similar):
         `tagray.index.model.example_vector` of the backbone features — f = h(x) for the embedding
         head (seed 004: what its image index holds), x / ‖x‖ for a linear head (cosine)."""
+        import torch
+
         from tagray.index.model import example_vector
 
         with torch.inference_mode():
