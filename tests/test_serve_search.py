@@ -31,8 +31,10 @@ LOW = {"searcher_cpus": 0.1, "search_threads": 2}
 
 
 def index(*argv: str) -> str:
-    """`tagray index ARGV…` with builder actors small enough to run beside the deployed app."""
-    return cli("index", "--worker-cpus", "0.2", *argv)
+    """`tagray index ARGV…` with one builder actor, small enough to run beside the deployed app (K
+    builders for K shards of 30 images would spend longer starting than building: that pool is
+    test_index_shards')."""
+    return cli("index", "--worker-cpus", "0.2", "--workers", "1", *argv)
 
 
 def test_filters_dates_and_shard_groups_without_ray():
@@ -326,65 +328,6 @@ def test_page_min_score_filters_paging_and_more_like_this_in_headless_chromium(b
 
 
 @pytest.mark.integration
-def test_appended_shards_are_picked_up_by_the_running_replicas_and_old_images_never_fail(built, app, tmp_path):
-    from tagray.features.store import feature_table, read_features, shard_name, write_shard
-
-    features, identity = read_features(built["features"])  # "this week's photos": the second half
-    ids = features.column("image_id").to_pylist()
-    x = features.column("feature").combine_chunks()
-    dim = x.type.list_size
-    x = x.flatten().to_numpy().reshape(len(ids), dim)
-    half = len(ids) // 2
-    old_dir, new_dir = str(tmp_path / "features_old"), str(tmp_path / "features_new")
-    for directory, part in ((old_dir, slice(0, half)), (new_dir, slice(half, None))):
-        storage.makedirs(directory)
-        write_shard(feature_table(ids[part], x[part], dim, identity), directory, shard_name(ids[part]))
-    where = str(tmp_path / "index")
-    index("--model", built["model"], "--features", old_dir, "--manifest", built["manifest"],
-        "--shards", "2", "--out", where)
-    deploy(app, args_for(app, where, search_groups=2))
-    before = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
-    q = queries(app)[0]
-    old_answer = ids_scores(search(app, q=q, k=10))
-    assert all(i in set(ids[:half]) for i, _ in old_answer)
-
-    index("--model", built["model"], "--features", new_dir, "--manifest", built["manifest"],
-        "--shards", "2", "--append", "--out", where)
-    pids = {g: replica_pid(f"Searcher-{g}") for g in (0, 1)}
-    stop, seen = threading.Event(), []
-
-    def keep_asking():  # the old images answer through the whole rollout
-        while not stop.is_set():
-            r = search(app, q=q, k=100)
-            seen.append((r.status_code, {i["image_id"] for i in r.json().get("images", [])}))
-
-    watcher = threading.Thread(target=keep_asking)
-    watcher.start()
-    try:
-        # no redeploy: every replica re-reads index.json (index_refresh_s) and loads the new version
-        # beside the old one, which keeps answering until the swap
-        def new_version():
-            info = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
-            return info["shards"] == 4 and info
-
-        after = wait_for(new_version, "the new index version", timeout=120)
-        wait_for(lambda: not search(app, q=q, k=10).json()["partial"], "every group serving the new shards", 120)
-    finally:
-        stop.set()
-        watcher.join(timeout=60)
-    assert after["version"] > before["version"] and after["groups"] == 2
-    assert {g: replica_pid(f"Searcher-{g}") for g in (0, 1)} == pids  # the same replicas: nothing restarted
-    whole = ids_scores(search(app, q=q, k=100))
-    assert any(i in set(ids[half:]) for i, _ in whole)  # the appended images are found
-    unsharded = json.loads(cli("search", "--model", built["model"], "--index", built["indexes"][1], "--q", q,
-                               "-k", "100", "--json"))
-    assert whole == [(p["image_id"], p["score"]) for p in unsharded]  # the same as indexing everything at once
-    old_ids = {i for i, _ in old_answer}
-    assert seen and all(status == 200 and old_ids <= got for status, got in seen), seen[:3]
-    print(f"{len(seen)} searches during the rollout, all 200 with the old images")
-
-
-@pytest.mark.integration
 def test_similar_filters_and_their_4xx(built, app, tmp_path):
     deploy(app, args_for(app, built["indexes"][4]))
     q = queries(app)[0]
@@ -458,6 +401,65 @@ def test_similar_filters_and_their_4xx(built, app, tmp_path):
                       timeout=60)
     assert r.status_code == 409 and error_of(r)["code"] == "no_backbone", r.text
     assert requests.post(f"{app['url']}v1/similar", json={"image_id": target}, timeout=60).status_code == 200
+
+
+@pytest.mark.integration
+def test_appended_shards_are_picked_up_by_the_running_replicas_and_old_images_never_fail(built, app, tmp_path):
+    from tagray.features.store import feature_table, read_features, shard_name, write_shard
+
+    features, identity = read_features(built["features"])  # "this week's photos": the second half
+    ids = features.column("image_id").to_pylist()
+    x = features.column("feature").combine_chunks()
+    dim = x.type.list_size
+    x = x.flatten().to_numpy().reshape(len(ids), dim)
+    half = len(ids) // 2
+    old_dir, new_dir = str(tmp_path / "features_old"), str(tmp_path / "features_new")
+    for directory, part in ((old_dir, slice(0, half)), (new_dir, slice(half, None))):
+        storage.makedirs(directory)
+        write_shard(feature_table(ids[part], x[part], dim, identity), directory, shard_name(ids[part]))
+    where = str(tmp_path / "index")
+    index("--model", built["model"], "--features", old_dir, "--manifest", built["manifest"],
+        "--shards", "2", "--out", where)
+    deploy(app, args_for(app, where, search_groups=2))
+    before = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
+    q = queries(app)[0]
+    old_answer = ids_scores(search(app, q=q, k=10))
+    assert all(i in set(ids[:half]) for i, _ in old_answer)
+
+    index("--model", built["model"], "--features", new_dir, "--manifest", built["manifest"],
+        "--shards", "2", "--append", "--out", where)
+    pids = {g: replica_pid(f"Searcher-{g}") for g in (0, 1)}
+    stop, seen = threading.Event(), []
+
+    def keep_asking():  # the old images answer through the whole rollout
+        while not stop.is_set():
+            r = search(app, q=q, k=100)
+            seen.append((r.status_code, {i["image_id"] for i in r.json().get("images", [])}))
+
+    watcher = threading.Thread(target=keep_asking)
+    watcher.start()
+    try:
+        # no redeploy: every replica re-reads index.json (index_refresh_s) and loads the new version
+        # beside the old one, which keeps answering until the swap
+        def new_version():
+            info = requests.get(f"{app['url']}v1/model", timeout=30).json()["index"]
+            return info["shards"] == 4 and info
+
+        after = wait_for(new_version, "the new index version", timeout=120)
+        wait_for(lambda: not search(app, q=q, k=10).json()["partial"], "every group serving the new shards", 120)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert after["version"] > before["version"] and after["groups"] == 2
+    assert {g: replica_pid(f"Searcher-{g}") for g in (0, 1)} == pids  # the same replicas: nothing restarted
+    whole = ids_scores(search(app, q=q, k=100))
+    assert any(i in set(ids[half:]) for i, _ in whole)  # the appended images are found
+    unsharded = json.loads(cli("search", "--model", built["model"], "--index", built["indexes"][1], "--q", q,
+                               "-k", "100", "--json"))
+    assert whole == [(p["image_id"], p["score"]) for p in unsharded]  # the same as indexing everything at once
+    old_ids = {i for i, _ in old_answer}
+    assert seen and all(status == 200 and old_ids <= got for status, got in seen), seen[:3]
+    print(f"{len(seen)} searches during the rollout, all 200 with the old images")
 
 
 @pytest.mark.integration
