@@ -120,25 +120,41 @@ def serve_bucket(s3_endpoint):
     return s3_endpoint, "serve-images"
 
 
+_SERVED: dict = {}  # the demo app of serve_app, while it runs
+
+
+def _next_module_serves(request) -> bool:
+    """Whether the module run right after this one (in this session's order) uses serve_app too."""
+    items = request.session.items
+    last = max((i for i, item in enumerate(items) if item.module is request.module), default=len(items))
+    return last + 1 < len(items) and "serve_app" in items[last + 1].fixturenames
+
+
 @pytest.fixture(scope="module")
-def serve_app(demo_run, serve_bucket):
+def serve_app(request, demo_run, serve_bucket):
     """The Serve app over HTTP on loopback, on the demo's calibrated RLR model and its index,
-    for the tests of one module (tests/test_serve*.py); shut down after it, so the Serve
-    replicas do not hold the session cluster's 2 CPUs while later tests wait for them."""
+    for the tests of one module (tests/test_serve*.py). Shut down after it, so the Serve replicas
+    do not hold the session cluster's 2 CPUs while later tests wait for them — unless the next
+    module to run uses it too, which then takes it over as it is (its `app` redeploys the
+    defaults if a test changed them) instead of starting it again."""
     from ray import serve
 
     from tagray.commands.serve import start
     from tagray.data.schema import read_manifest
 
-    out, _ = demo_run
-    endpoint, bucket = serve_bucket
-    args = {"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_rlr"), "buckets": [bucket],
-            "endpoint_url": endpoint, "max_image_bytes": 200_000, "batch_size": 8, "batch_wait_s": 0.02}
-    url = start(args, "127.0.0.1", _free_port())
-    manifest = read_manifest(str(out / "manifest_split.parquet"))
-    yield {"url": url, "out": out, "args": args, "endpoint": endpoint, "bucket": bucket,
-           "uris": manifest.column("uri").to_pylist()[:20]}
-    serve.shutdown()
+    if not _SERVED:
+        out, _ = demo_run
+        endpoint, bucket = serve_bucket
+        args = {"model": str(out / "model_rlr_calibrated"), "index": str(out / "index_rlr"), "buckets": [bucket],
+                "endpoint_url": endpoint, "max_image_bytes": 200_000, "batch_size": 8, "batch_wait_s": 0.02}
+        url = start(args, "127.0.0.1", _free_port())
+        manifest = read_manifest(str(out / "manifest_split.parquet"))
+        _SERVED.update({"url": url, "out": out, "args": args, "endpoint": endpoint, "bucket": bucket,
+                        "uris": manifest.column("uri").to_pylist()[:20], "running": dict(args)})
+    yield _SERVED
+    if not _next_module_serves(request):
+        _SERVED.clear()
+        serve.shutdown()
 
 
 @pytest.fixture
