@@ -119,10 +119,11 @@ def run_linear(c: dict, head: str, rule: bool, overrides: dict) -> dict:
     return {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
 
 
-def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
+def train_embed(c: dict, rule: bool, overrides: dict):
+    """EmbedConfig's defaults (with `overrides`) trained on the corpus's tagged training images:
+    (cfg, recipe, word table, tag counts, history)."""
     from tagray.data.word_vectors import word_table_init
-    from tagray.eval.report import EvalConfig, evaluate_head
-    from tagray.heads.embedding import EmbedConfig, EmbedTagger, tag_log_prior
+    from tagray.heads.embedding import EmbedConfig
     from tagray.heads.recipes.embed import EmbedRecipe
     from tagray.heads.word_table import WordTable
 
@@ -136,8 +137,15 @@ def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
     n = int(tagged.sum())
     recipe = EmbedRecipe(cfg, train.x.shape[1], table.shape[1], counts, table, n,
                          train={"x": torch.from_numpy(train.x[tagged]), "tag_ids": train.tag_ids[tagged]})
-    history = _run(recipe, rule, n, cfg.batch_size)
-    tagger = EmbedTagger(recipe.mlp.eval(), table.vectors[: data.tags].clone(), tag_log_prior(cfg, counts))
+    return cfg, recipe, table, counts, _run(recipe, rule, n, cfg.batch_size)
+
+
+def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
+    from tagray.eval.report import EvalConfig, evaluate_head
+    from tagray.heads.embedding import EmbedTagger, tag_log_prior
+
+    cfg, recipe, table, counts, history = train_embed(c, rule, overrides)
+    tagger = EmbedTagger(recipe.mlp.eval(), table.vectors[: c["data"].tags].clone(), tag_log_prior(cfg, counts))
     report, _ = evaluate_head(tagger, c["targets"], c["features"], EvalConfig(), "test", with_baselines=True)
     return {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
 

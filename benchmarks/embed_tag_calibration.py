@@ -16,7 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,29 +29,18 @@ def main() -> None:
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--out", default="benchmarks/results/embed_tag_calibration.json")
     args = p.parse_args()
-    from tagray.data.word_vectors import word_table_init
     from tagray.eval.report import EvalConfig, evaluate_head
     from tagray.heads.calibrate import fit_intercepts
-    from tagray.heads.embedding import EmbedConfig, EmbedTagger, tag_log_prior
-    from tagray.heads.recipes.embed import EmbedRecipe
+    from tagray.heads.embedding import EmbedTagger, tag_log_prior
     from tagray.heads.targets import multi_hot
-    from tagray.heads.word_table import WordTable
 
     torch.set_num_threads(1)
     rows = {}
     with tempfile.TemporaryDirectory() as workdir:
         c = defaults_learn.corpus(args.images, Path(workdir))
         data = c["data"]
-        train, val = data.parts["train"], data.parts["val"]
-        tagged = (train.tag_ids >= 0).any(1)
-        cfg = EmbedConfig()
-        _, init, _ = word_table_init(data.vocab.tags, None, cfg.word_dim, cfg.init_scale, cfg.seed)
-        counts = data.counts.astype(np.float64)
-        table = WordTable(init, cfg.word_optimizer, cfg.word_lr)
-        n = int(tagged.sum())
-        recipe = EmbedRecipe(cfg, train.x.shape[1], table.shape[1], counts, table, n,
-                             train={"x": torch.from_numpy(train.x[tagged]), "tag_ids": train.tag_ids[tagged]})
-        defaults_learn._run(recipe, False, n, cfg.batch_size)
+        val = data.parts["val"]
+        cfg, recipe, table, counts, _ = defaults_learn.train_embed(c, False, {})
         vectors = table.vectors[: data.tags].clone()
 
         def score(tagger: EmbedTagger) -> dict:

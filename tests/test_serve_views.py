@@ -87,8 +87,8 @@ def test_each_deployment_reads_only_the_settings_it_is_given(demo_run, tmp_path,
         return _Recording(made, read.setdefault(current, set())) if cls is ServeConfig else made
 
     monkeypatch.setattr(served, "from_dict", recording)
-    config = {**served.view({f.name: getattr(ServeConfig(), f.name) for f in dataclasses.fields(ServeConfig)},
-                            "Feedback"), "feedback": f"sqlite:///{tmp_path}/f.db"}
+    config = {f.name: getattr(ServeConfig(), f.name) for f in dataclasses.fields(ServeConfig)}
+    config["feedback"] = f"sqlite:///{tmp_path}/f.db"  # what build_app hands `view`: every field
     model, index = str(out / "model_rlr_calibrated"), str(out / "index_rlr")
     from tagray.index import open_index
 

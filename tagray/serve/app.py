@@ -635,12 +635,13 @@ def build_app(args: dict) -> serve.Application:
     # reconfigure of the running replicas — the old model or index serves until the new one has
     # loaded — and changed settings or code replace them.
     config = to_dict(dataclasses.replace(cfg, model="", index=None))
+    tagger_config, searcher_config, feedback_config = (view(config, d) for d in ("Tagger", "Searcher", "Feedback"))
     tagger = _versioned(Tagger.options(
         num_replicas=cfg.tagger_replicas,
         ray_actor_options={"num_cpus": cfg.tagger_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=max(4 * cfg.batch_size, 32),
         user_config={"model": cfg.model},
-    ), view(config, "Tagger")).bind(view(config, "Tagger"))
+    ), tagger_config).bind(tagger_config)
     searchers, index = [], None
     if cfg.index:
         info = open_index(cfg.index, cfg.endpoint_url)
@@ -649,14 +650,14 @@ def build_app(args: dict) -> serve.Application:
                                                  ray_actor_options={"num_cpus": cfg.searcher_cpus},
                                                  user_config={"model": cfg.model, "index": cfg.index, "group": g,
                                                               "groups": len(groups)}),
-                                 view(config, "Searcher")).bind(view(config, "Searcher"))
+                                 searcher_config).bind(searcher_config)
                      for g in range(len(groups))]
         index = {"uri": cfg.index, "version": int(info.version), "kind": info.kind, "groups": groups}
     feedback = None
     if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
         feedback = _versioned(Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
                                                user_config={"model": cfg.model, "index": cfg.index}),
-                              view(config, "Feedback")).bind(view(config, "Feedback"))
+                              feedback_config).bind(feedback_config)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
                               user_config={"index": index})
     # the Ingress holds a handle per search group: a different number of groups is a new Ingress
@@ -680,8 +681,9 @@ READS: dict[str, tuple[str, ...]] = {
 
 
 def view(config: dict, deployment: str) -> dict:
-    """`config` (a ServeConfig as a dict) as `deployment` is given it: only the fields it reads (READS)."""
-    return {name: config[name] for name in READS[deployment] if name in config}
+    """`config` (every ServeConfig field, as a dict) as `deployment` is given it: only the fields it
+    reads (READS)."""
+    return {name: config[name] for name in READS[deployment]}
 
 
 def _versioned(deployment: serve.Deployment, config: dict, **more) -> serve.Deployment:
