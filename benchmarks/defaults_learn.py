@@ -140,12 +140,25 @@ def train_embed(c: dict, rule: bool, overrides: dict):
     return cfg, recipe, table, counts, _run(recipe, rule, n, cfg.batch_size)
 
 
+def embed_tagger(c: dict, cfg, recipe, table, counts, calibrate: bool = True):
+    """The trained head as `tagray train` writes it: user-tag scores Platt-scaled per tag on the
+    tagged val images (`calibration_images` > 0), else σ(s + log q(t))."""
+    from tagray.heads.embedding import EmbedTagger, calibrate_user_tags, tag_log_prior
+
+    vectors = table.vectors[: c["data"].tags].clone()
+    if not (calibrate and cfg.calibration_images):
+        return EmbedTagger(recipe.mlp.eval(), vectors, tag_log_prior(cfg, counts))
+    val = c["data"].parts["val"]
+    tagged = np.nonzero((val.tag_ids >= 0).any(1))[0][: cfg.calibration_images]
+    scale, offset = calibrate_user_tags(recipe.mlp, vectors, torch.from_numpy(val.x[tagged]), val.tag_ids[tagged])
+    return EmbedTagger(recipe.mlp.eval(), vectors, offset, scale)
+
+
 def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
     from tagray.eval.report import EvalConfig, evaluate_head
-    from tagray.heads.embedding import EmbedTagger, tag_log_prior
 
     cfg, recipe, table, counts, history = train_embed(c, rule, overrides)
-    tagger = EmbedTagger(recipe.mlp.eval(), table.vectors[: c["data"].tags].clone(), tag_log_prior(cfg, counts))
+    tagger = embed_tagger(c, cfg, recipe, table, counts)
     report, _ = evaluate_head(tagger, c["targets"], c["features"], EvalConfig(), "test", with_baselines=True)
     return {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
 

@@ -1,9 +1,10 @@
-"""Per-tag calibration of the embed head's user-tag scores on the validation split: an experiment
-for issue 14's open embed-3k F1@5 case, not wired into tagray. The shipped defaults are trained in
-process as benchmarks/defaults_learn.py trains them; then the user-tag scores s = h(x)·v_t get
-(a) per-tag offsets β_t (tagray.heads.calibrate.fit_intercepts, the RLR calibration's Newton
-steps), or (b) per-tag Platt scaling a_t·s + b_t (Adam on the validation BCE, a_t pulled towards 1);
-each is scored on the test split: tag-prediction F1@5 and annotation mAP_L, beside kNN's.
+"""Per-tag calibration of the embed head's user-tag scores on the validation split (issue 14's
+embed F1@5 case). The shipped defaults are trained in process as benchmarks/defaults_learn.py
+trains them; the user-tag scores s = h(x)·v_t then get
+(a) nothing: σ(s + log q(t)) of the negative sampler (before per-tag calibration was built),
+(b) per-tag offsets β_t (tagray.heads.calibrate.fit_intercepts, the RLR calibration's Newton steps),
+(c) per-tag Platt scaling σ(a_t s + b_t), a_t ≥ 0 (calibrate_user_tags: what `tagray train` does),
+each scored on the test split: tag-prediction F1@5 and annotation mAP_L, beside kNN's.
 
     .venv/bin/python benchmarks/embed_tag_calibration.py [--images 3000]
 """
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     from tagray.eval.report import EvalConfig, evaluate_head
     from tagray.heads.calibrate import fit_intercepts
-    from tagray.heads.embedding import EmbedTagger, tag_log_prior
+    from tagray.heads.embedding import EmbedTagger
     from tagray.heads.targets import multi_hot
 
     torch.set_num_threads(1)
@@ -41,34 +43,29 @@ def main() -> None:
         data = c["data"]
         val = data.parts["val"]
         cfg, recipe, table, counts, _ = defaults_learn.train_embed(c, False, {})
-        vectors = table.vectors[: data.tags].clone()
 
         def score(tagger: EmbedTagger) -> dict:
             report, _ = evaluate_head(tagger, c["targets"], c["features"], EvalConfig(), "test", with_baselines=True)
             return {"f1@5": report["tag_prediction"]["f1@5"], "map_label": report["annotation"]["map_label"],
                     "knn_f1@5": report["baselines"]["knn"]["tag_prediction"]["f1@5"],
+                    "prior_f1@5": report["baselines"]["prior"]["tag_prediction"]["f1@5"],
                     "knn_map_label": report["baselines"]["knn"]["annotation"]["map_label"]}
 
-        tagger = EmbedTagger(recipe.mlp.eval(), vectors, tag_log_prior(cfg, counts))
-        rows["defaults (log q(t) of the sampler)"] = score(tagger)
+        plain = defaults_learn.embed_tagger(c, cfg, recipe, table, counts, calibrate=False)
+        rows["σ(s + log q(t)) of the sampler (before)"] = score(plain)
+        tagged = (val.tag_ids >= 0).any(1)
         with torch.no_grad():
-            s = tagger(torch.from_numpy(val.x).float())
-        z = multi_hot(val.tag_ids, data.tags)
-        for l2 in (1.0, 10.0):
-            beta = fit_intercepts(s, z, l2=l2).float()
-            rows[f"offsets β_t on val (l2 {l2:g})"] = score(EmbedTagger(recipe.mlp.eval(), vectors, beta))
-        a = torch.ones(data.tags, requires_grad=True)
-        b = torch.zeros(data.tags, requires_grad=True)
-        opt = torch.optim.Adam([a, b], lr=0.05)
-        for _ in range(500):
-            opt.zero_grad()
-            bce = torch.nn.functional.binary_cross_entropy_with_logits(s * a + b, z, reduction="sum")
-            (bce + 0.5 * ((a - 1) ** 2).sum() + 0.005 * (b**2).sum()).backward()
-            opt.step()
-        scaled = EmbedTagger(recipe.mlp.eval(), vectors * a.detach()[:, None], b.detach())
-        rows["Platt a_t·s + b_t on val"] = {**score(scaled), "negative_scales": int((a < 0).sum())}
+            s = plain(torch.from_numpy(val.x[tagged]).float())
+        beta = fit_intercepts(s, multi_hot(val.tag_ids[tagged], data.tags), l2=1.0).float()
+        rows["offsets β_t on val"] = score(EmbedTagger(recipe.mlp.eval(), plain.tag_vectors, beta))
+        t0 = time.perf_counter()
+        shipped = defaults_learn.embed_tagger(c, cfg, recipe, table, counts)
+        seconds = time.perf_counter() - t0
+        rows["Platt σ(a_t s + b_t), a_t ≥ 0, on val (shipped)"] = {
+            **score(shipped), "tags_with_scale_0": int((shipped.tag_scale == 0).sum()), "tags": data.tags,
+            "val_images": int(tagged.sum()), "fit_seconds": round(seconds, 3)}
     for name, row in rows.items():
-        print(json.dumps({"case": name, **{k: round(v, 4) for k, v in row.items()}}))
+        print(json.dumps({"case": name, **{k: round(v, 4) for k, v in row.items()}}, ensure_ascii=False))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"images": args.images, "rows": rows}, indent=1))
     print(f"results → {args.out}")

@@ -62,6 +62,9 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     assert first["shards"] == 2 and len(first["shard_server"]) == 2 and first["pretrained_words"] > 0
     assert all(s["rows_pushed"] > 0 for s in first["shard_server"])
     assert first["oov_snapping"]["words"] > 0 and first["oov_snapping"]["loss_after"] < first["oov_snapping"]["loss_before"]
+    # user-tag scores Platt-scaled per tag on the tagged val images (tagray.heads.calibrate.fit_platt)
+    assert first["user_tags"]["method"] == "platt" and first["user_tags"]["images"] > 100
+    assert (model / "user_tags.safetensors").exists()
 
     # Re-running with more epochs resumes: h from the checkpoint, word vectors from the
     # shard snapshot it names (not the pretrained file).
@@ -90,6 +93,7 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     assert report["head"] == "embed"
     assert {"precision@5", "recall@5", "f1@5"} <= set(report["tag_prediction"])
     assert report["tag_prediction"]["f1@5"] > 2 * report["baselines"]["random"]["tag_prediction"]["f1@5"]
+    assert report["tag_prediction"]["f1@5"] > report["baselines"]["prior"]["tag_prediction"]["f1@5"]
     assert report["annotation"]["map_label"] > report["baselines"]["random"]["annotation"]["map_label"] + 0.2
 
     # index + search: "seashore" is in the pretrained file only — no image is tagged with it.

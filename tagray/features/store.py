@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -140,15 +141,18 @@ def features_identity(uri: str, endpoint_url: str | None = None) -> dict | None:
     return found
 
 
-def read_features(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, dict | None]:
-    """All features at `uri` (a file or a shard directory) and their backbone identity."""
+def read_features(uri: str, endpoint_url: str | None = None,
+                  image_ids: pa.Array | None = None) -> tuple[pa.Table, dict | None]:
+    """The features at `uri` (a file or a shard directory) and their backbone identity: all of
+    them, or only the rows of `image_ids` (filtered while reading: memory for those rows only)."""
     files = feature_files(uri, endpoint_url)
     if not files:
         raise FileNotFoundError(missing_message(uri))
     identity = features_identity(uri, endpoint_url)
     fs, _ = storage.filesystem_for(uri, endpoint_url)
     paths = [storage.filesystem_for(f, endpoint_url)[1] for f in files]
-    return pq.ParquetDataset(paths, filesystem=fs).read(), identity
+    rows = None if image_ids is None else pc.field("image_id").isin(image_ids)
+    return pq.ParquetDataset(paths, filesystem=fs, filters=rows).read(), identity
 
 
 def featurized_ids(uri: str, endpoint_url: str | None = None) -> pa.Array:

@@ -96,6 +96,76 @@ def fit_intercepts(
     return beta.to(scores.dtype)
 
 
+
+def platt_targets(y: torch.Tensor) -> torch.Tensor:
+    """Platt's smoothed targets (Platt 1999, §2.2), per column t of the 0/1 matrix y:
+    τ = (N⁺_t + 1)/(N⁺_t + 2) where y = 1 and 1/(N⁻_t + 2) where y = 0 — the MAP targets of a
+    uniform prior on P(y), which keep a column that the scores separate from its optimum at
+    infinity."""
+    yy = y.to(torch.float64)
+    pos = yy.sum(0)
+    neg = yy.shape[0] - pos
+    return torch.where(yy > 0, (pos + 1) / (pos + 2), 1 / (neg + 2))
+
+
+def _platt_objective(s: torch.Tensor, tau: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    z = s * a + b
+    return (torch.nn.functional.softplus(z) - tau * z).sum(0)
+
+
+def fit_platt(
+    scores: torch.Tensor, y: torch.Tensor, iterations: int = 100, tol: float = 1e-9, ridge: float = 1e-9
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column Platt scaling P(y_t = 1 | s_t) = σ(a_t s_t + b_t) (Platt 1999, eq. 1 in our sign),
+    for all T columns at once: (a, b) minimising the cross-entropy against Platt's smoothed
+    targets τ (`platt_targets`),
+
+        F_t(a, b) = Σ_i softplus(a s_it + b) − τ_it (a s_it + b)      (+ ridge/2 (a² + b²))
+
+    subject to a_t ≥ 0 (a higher score never means a lower probability: a column whose scores
+    carry nothing gets a_t = 0 and its base rate). Projected Newton with backtracking (Lin, Lin &
+    Weng 2007, Algorithm 1, with the bound): per column
+
+        g = Σ_i (σ(z_i) − τ_i) (s_i, 1),   H = Σ_i σ(z_i)(1 − σ(z_i)) [[s_i², s_i], [s_i, 1]] + ridge·I
+
+    d = −H⁻¹g, or −(0, g_b/H_bb) for a column held at a = 0 (a = 0 and g_a > 0); the step is
+    halved until F decreases. Start: a = 0, b = log((N⁺ + 1)/(N⁻ + 1)) (Platt's). scores: (N, T);
+    y: (N, T) 0/1. Returns (a, b), each (T,) in scores' dtype.
+    """
+    s = scores.to(torch.float64)
+    tau = platt_targets(y)
+    pos = (y > 0).to(torch.float64).sum(0)
+    a = torch.zeros(s.shape[1], dtype=torch.float64)
+    b = torch.log((pos + 1) / (s.shape[0] - pos + 1))
+    f = _platt_objective(s, tau, a, b) + ridge / 2 * (a * a + b * b)
+    for _ in range(iterations):
+        p = torch.sigmoid(s * a + b)
+        r, w = p - tau, p * (1 - p)
+        ga, gb = (r * s).sum(0) + ridge * a, r.sum(0) + ridge * b
+        haa, hab, hbb = (w * s * s).sum(0) + ridge, (w * s).sum(0), w.sum(0) + ridge
+        held = (a <= 0) & (ga > 0)
+        det = (haa * hbb - hab * hab).clamp_min(1e-300)
+        da = torch.where(held, torch.zeros_like(a), -(hbb * ga - hab * gb) / det)
+        db = torch.where(held, -gb / hbb, -(haa * gb - hab * ga) / det)
+        step = torch.ones_like(a)
+        moving = torch.ones_like(held)
+        new_a, new_b = a.clone(), b.clone()
+        for _ in range(30):  # backtracking, every column at once
+            ta = (a + step * da).clamp_min(0.0)
+            tb = b + step * db
+            ft = _platt_objective(s, tau, ta, tb) + ridge / 2 * (ta * ta + tb * tb)
+            ok = moving & (ft <= f)
+            new_a, new_b, f = torch.where(ok, ta, new_a), torch.where(ok, tb, new_b), torch.where(ok, ft, f)
+            moving &= ~ok
+            if not bool(moving.any()):
+                break
+            step = torch.where(moving, step / 2, step)
+        change = torch.maximum((new_a - a).abs(), (new_b - b).abs())
+        a, b = new_a, new_b
+        if float(change.max()) < tol:
+            break
+    return a.to(scores.dtype), b.to(scores.dtype)
+
 def fit_verdict_intercepts(
     scores: torch.Tensor, tag: torch.Tensor, z: torch.Tensor, center: torch.Tensor, prior: float,
     iterations: int = 50, tol: float = 1e-8,

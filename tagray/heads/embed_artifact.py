@@ -4,8 +4,10 @@
     word_vectors.safetensors   vectors (V × d): the training tags first (vocabulary order), then
                                the pretrained words no training image carries (snapped, eq. 3–4)
     words.parquet              word, seen (a training tag), positives (training images), pretrained
+    user_tags.safetensors      scale a, offset b (T each): per-tag Platt scaling of the user-tag scores,
+                               P(y_t=1|x) = σ(a_t f·v_t + b_t) (absent: a = 1, b = log q(t) of the sampler)
     model.json                 head "embed", dim, word_dim, tags, words, the EmbedConfig, backbone,
-                               where the initial vectors came from
+                               where the initial vectors came from, how user_tags was fitted
     normalizer.json, vocabulary.json, metrics.json   as the linear heads
 """
 
@@ -35,6 +37,7 @@ from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP, tag_log_pri
 
 VECTORS_FILE = "word_vectors.safetensors"
 WORDS_FILE = "words.parquet"
+USER_TAGS_FILE = "user_tags.safetensors"
 
 
 @dataclass
@@ -49,11 +52,16 @@ class SavedEmbedHead:
     pretrained: np.ndarray  # (V,) bool: the initial vector came from the pretrained file
     vectors_source: str  # URI of the pretrained file, or "random"
     metrics: dict = field(default_factory=dict)
+    user_tags: tuple[torch.Tensor, torch.Tensor] | None = None  # (a, b) of Platt scaling, (T,) each
+    user_tags_fit: dict | None = None  # how (a, b) were fitted: method, split, images
 
     @property
     def model(self) -> EmbedTagger:
         """h with the training tags' vectors: the evaluation interface (tagray.eval.report.Tagger)."""
         tags = len(self.vocab)
+        if self.user_tags is not None:
+            scale, offset = self.user_tags
+            return EmbedTagger(self.mlp, self.vectors[:tags].clone(), offset.clone(), scale.clone()).eval()
         prior = tag_log_prior(self.config, self.positives[:tags])
         return EmbedTagger(self.mlp, self.vectors[:tags].clone(), prior).eval()
 
@@ -73,9 +81,17 @@ def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | No
     vectors = {"vectors": head.vectors.detach().cpu().float()}
     finite_state(head.mlp.state_dict(), storage.join(directory, WEIGHTS_FILE))  # before anything is written
     finite_state(vectors, storage.join(directory, VECTORS_FILE))
+    user_tags = None
+    if head.user_tags is not None:
+        user_tags = {"scale": head.user_tags[0].detach().cpu().float(), "offset": head.user_tags[1].detach().cpu().float()}
+        if any(v.shape != (len(head.vocab),) for v in user_tags.values()):
+            raise ValueError(f"user-tag calibration must have one scale and one offset per tag ({len(head.vocab)})")
+        finite_state(user_tags, storage.join(directory, USER_TAGS_FILE))
     storage.makedirs(directory, endpoint_url)
     write_weights(head.mlp.state_dict(), storage.join(directory, WEIGHTS_FILE), endpoint_url)
     write_weights(vectors, storage.join(directory, VECTORS_FILE), endpoint_url)
+    if user_tags is not None:
+        write_weights(user_tags, storage.join(directory, USER_TAGS_FILE), endpoint_url)
     seen = np.zeros(len(head.words), bool)
     seen[: len(head.vocab)] = True
     words = pa.table({
@@ -95,6 +111,7 @@ def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | No
         "backbone": head.backbone,
         "vocabulary_version": head.vocab.version,
         "vectors_source": head.vectors_source,
+        "user_tags": head.user_tags_fit if head.user_tags is not None else None,
     }
     storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
     storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
@@ -119,9 +136,16 @@ def load_embed_head(directory: str, normalizer: TagNormalizer | None = None, end
         raise schema.SchemaError(f"{directory}: {WORDS_FILE} does not belong to {VECTORS_FILE}")
     metrics_uri = storage.join(directory, METRICS_FILE)
     metrics = json.loads(storage.read_text(metrics_uri, endpoint_url)) if storage.exists(metrics_uri, endpoint_url) else {}
+    user_tags = None
+    if meta.get("user_tags") is not None:  # written by a version with user-tag calibration, and fitted
+        fitted = read_weights(storage.join(directory, USER_TAGS_FILE), endpoint_url)
+        if any(fitted[k].shape != (len(vocab),) for k in ("scale", "offset")):
+            raise schema.SchemaError(f"{directory}: {USER_TAGS_FILE} does not have one scale and offset per tag")
+        user_tags = (fitted["scale"], fitted["offset"])
     return SavedEmbedHead(
         mlp=mlp, vectors=vectors, words=words.column("word").to_pylist(), vocab=vocab, config=cfg,
         backbone=meta.get("backbone"), positives=words.column("positives").to_numpy(),
         pretrained=words.column("pretrained").to_numpy(zero_copy_only=False),
         vectors_source=meta.get("vectors_source", "random"), metrics=metrics,
+        user_tags=user_tags, user_tags_fit=meta.get("user_tags"),
     )

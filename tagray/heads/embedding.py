@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
+from tagray.heads.calibrate import fit_platt
 from tagray.heads.embed_losses import fast0tag, fast0tag_full, full_xent, sampled_xent
 from tagray.heads.samplers import NEGATIVE_SAMPLERS, log_noise_prior, sample_positives
+from tagray.heads.targets import multi_hot
 from tagray.heads.word_table import OPTIMIZERS
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ class EmbedConfig:
     oov_anchors: int = 4096  # words each snapping step compares against (a sample of V_∪)
     seed: int = 0
     checkpoint_every: int = 200  # Ray Train: steps between checkpoints (and on finish)
+    calibration_images: int = 20_000  # tagged val images for per-tag Platt scaling of user-tag scores (0: off)
     normalizer: str = "normalize.yaml"
 
     def __post_init__(self) -> None:
@@ -82,8 +85,9 @@ class EmbedConfig:
                               f"{self.weight_decay}, {self.alpha}, {self.beta}")
         if not (self.sampler_power >= 0 and self.init_scale > 0):
             raise ConfigError(f"need sampler_power ≥ 0 and init_scale > 0, got {self.sampler_power}, {self.init_scale}")
-        if self.pool_size < 1 or self.oov_steps < 0 or self.oov_anchors < 1:
-            raise ConfigError("need pool_size ≥ 1, oov_steps ≥ 0 (0: off) and oov_anchors ≥ 1")
+        if self.pool_size < 1 or self.oov_steps < 0 or self.oov_anchors < 1 or self.calibration_images < 0:
+            raise ConfigError("need pool_size ≥ 1, oov_steps ≥ 0 (0: off), oov_anchors ≥ 1 and calibration_images ≥ 0 "
+                              "(0: off)")
         if self.max_words is not None and self.max_words < 1:
             raise ConfigError(f"max_words must be ≥ 1 (or null: all), got {self.max_words}")
 
@@ -111,17 +115,21 @@ class EmbedTagger(nn.Module):
     """h plus the vectors of the T training tags: scores s_t = f·v_t (the evaluation interface
     of the linear heads; there is no π and no β).
 
-    `tag_log_prior` is log q(t) of the negative sampler the head was trained with
-    (samplers.log_noise_prior; zeros for the unsampled loss): user-tag prediction ranks by
-    s_t + log q(t), content (annotation, retrieval) by s_t."""
+    User-tag prediction ("what a user would tag") is P(y_t = 1|x) = σ(a_t s_t + b_t): per-tag
+    Platt scaling fitted on the validation split after training (`calibrate_user_tags`), or,
+    without it, a_t = 1 and b_t = log q(t) of the negative sampler the head was trained with
+    (samplers.log_noise_prior; zeros for the unsampled loss). Content (annotation, retrieval)
+    ranks by s_t. a_t ≥ 0, so each tag's ranking of images is the same under both."""
 
     robust = False
 
-    def __init__(self, mlp: TagMLP, tag_vectors: torch.Tensor, tag_log_prior: torch.Tensor | None = None) -> None:
+    def __init__(self, mlp: TagMLP, tag_vectors: torch.Tensor, tag_offset: torch.Tensor | None = None,
+                 tag_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.mlp = mlp
         self.register_buffer("tag_vectors", tag_vectors)
-        self.register_buffer("tag_log_prior", tag_log_prior if tag_log_prior is not None else torch.zeros(len(tag_vectors)))
+        self.register_buffer("tag_offset", tag_offset if tag_offset is not None else torch.zeros(len(tag_vectors)))
+        self.register_buffer("tag_scale", tag_scale if tag_scale is not None else torch.ones(len(tag_vectors)))
 
     @property
     def tags(self) -> int:
@@ -131,10 +139,29 @@ class EmbedTagger(nn.Module):
         return self.mlp(x) @ self.tag_vectors.T
 
     def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(σ(s + log q), log σ(s)): user-tag scores with the sampler's prior restored, and
-        content scores (see the class docstring)."""
+        """(σ(a s + b), log σ(s)): user-tag probabilities and content scores (class docstring)."""
         s = self(x)
-        return torch.sigmoid(s + self.tag_log_prior), nn.functional.logsigmoid(s)
+        return torch.sigmoid(s * self.tag_scale + self.tag_offset), nn.functional.logsigmoid(s)
+
+
+def calibrate_user_tags(mlp: TagMLP, tag_vectors: torch.Tensor, x: torch.Tensor, tag_ids: np.ndarray,
+                        block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tag Platt scaling (a_t, b_t) of the user-tag scores s = h(x)·v_t on held-out images
+    `x` whose user tags are `tag_ids` ((N, W) padded with −1): `calibrate.fit_platt` against
+    y_t = [t among the image's tags], over blocks of `block` tags (memory N × block)."""
+    with torch.inference_mode():
+        f = mlp.eval()(x)
+    ids = torch.as_tensor(tag_ids)
+    scale, offset = [], []
+    for lo in range(0, len(tag_vectors), block):
+        hi = min(lo + block, len(tag_vectors))
+        shifted = torch.where((ids >= lo) & (ids < hi), ids - lo, -1)
+        with torch.inference_mode():
+            s = f @ tag_vectors[lo:hi].T
+        a, b = fit_platt(s, multi_hot(shifted, hi - lo, torch.bool))
+        scale.append(a)
+        offset.append(b)
+    return torch.cat(scale), torch.cat(offset)
 
 
 def tag_log_prior(cfg: EmbedConfig, counts: np.ndarray) -> torch.Tensor:

@@ -242,7 +242,7 @@ class TaggingService:
             "backbone": {"name": self.identity.get("name"), "kind": self.identity.get("kind", "torchvision"),
                          "weights": display_name(self.identity.get("weights") or "") or None,
                          "weights_digest": self.identity.get("weights_digest"), "dim": self.identity.get("dim")},
-            "training": {k: metrics.get(k) for k in ("train_images", "steps", "final_loss", "mean_pi", "seconds")
+            "training": {k: metrics.get(k) for k in ("train_images", "steps", "final_loss", "mean_pi", "user_tags", "seconds")
                          if k in metrics},
         }
 

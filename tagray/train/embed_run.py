@@ -11,6 +11,8 @@ import logging
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from tagray.config import to_dict
@@ -21,9 +23,11 @@ from tagray.eval.training_plot import plot_history
 from tagray.features import store
 from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
-from tagray.heads.embedding import EmbedConfig
+from tagray.heads.embedding import EmbedConfig, TagMLP, calibrate_user_tags
+from tagray.heads.fit import align
 from tagray.heads.oov import snap_oov
 from tagray.heads.recipes.embed import build_embed
+from tagray.heads.targets import padded_ids
 from tagray.train.driver import fit_on_ray
 from tagray.train.run import TrainingInputs, train_data, training_inputs
 from tagray.train.run_config import TrainRunConfig, run_name
@@ -65,7 +69,7 @@ def train_embed(
     print(f"[train] embed head: {inputs.n_train} tagged training images, {len(vocab)} tags, {len(words)} words "
           f"(d={word_dim}, {int(from_file.sum())} pretrained), {run.shards} shard(s), {run.workers} worker(s)", flush=True)
 
-    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors"),
+    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors", "calibration_images"),
                     vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words), run.materialize)
     snapshot_root = storage.join(out, "_ray", name, "word_shards")
     train, datasets = train_data(inputs, features_uri, run, normalizer.cfg.max_tags, endpoint_url)
@@ -96,6 +100,8 @@ def train_embed(
               f"{snap['loss_after']:.4f})", flush=True)
     else:
         vectors = trained
+    user_tags, fit = calibration(mlp, vectors[: len(vocab)], inputs, features_uri, cfg, normalizer.cfg.max_tags,
+                                 endpoint_url)
     history = state["history"]
     metrics = {
         "head": "embed",
@@ -111,6 +117,7 @@ def train_embed(
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
         "oov_snapping": snap,
+        "user_tags": fit,
         "shard_server": shard_stats,
         "seconds": time.perf_counter() - t0,
         "run": to_dict(run),
@@ -118,8 +125,39 @@ def train_embed(
     }
     save_embed_head(
         SavedEmbedHead(mlp=mlp, vectors=vectors, words=words, vocab=vocab, config=cfg, backbone=inputs.identity,
-                       positives=counts, pretrained=from_file, vectors_source=cfg.vectors or "random", metrics=metrics),
+                       positives=counts, pretrained=from_file, vectors_source=cfg.vectors or "random", metrics=metrics,
+                       user_tags=user_tags, user_tags_fit=fit),
         out, endpoint_url,
     )
     plot_history(history, out)
     return metrics
+
+
+def calibration(mlp: TagMLP, tag_vectors: torch.Tensor, inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig,
+                width: int, endpoint_url: str | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict]:
+    """Per-tag Platt scaling of the user-tag scores (`calibrate_user_tags`) on up to
+    `cfg.calibration_images` tagged val images (a seeded sample; only their features are read):
+    ((a, b), how) or (None, why not) — without it, user-tag probabilities are σ(s + log q(t))."""
+    if not cfg.calibration_images:
+        return None, {"method": None, "reason": "calibration_images: 0"}
+    targets = inputs.targets
+    val = targets.filter(pc.and_(pc.equal(targets.column("split"), "val"),
+                                 pc.greater(pc.list_value_length(targets.column("tag_ids")), 0)))
+    if val.num_rows > cfg.calibration_images:
+        pick = np.sort(np.random.default_rng(cfg.seed).choice(val.num_rows, cfg.calibration_images, replace=False))
+        val = val.take(pa.array(pick))
+    found = np.zeros(0, np.int64)
+    if val.num_rows:
+        features, _ = store.read_features(features_uri, endpoint_url, image_ids=val.column("image_id").combine_chunks())
+        x, found = align(features, val.column("image_id"))
+    if not len(found):
+        log.warning("train: no tagged val images with features: user-tag probabilities stay σ(s + log q(t)) of the "
+                    "sampler (give the manifest a val split to calibrate them)")
+        return None, {"method": None, "reason": "no tagged val images with features"}
+    t0 = time.perf_counter()
+    scale, offset = calibrate_user_tags(mlp, tag_vectors, x, padded_ids(val.column("tag_ids").take(pa.array(found)), width))
+    fit = {"method": "platt", "split": "val", "images": len(found), "tags_with_scale_0": int((scale == 0).sum()),
+           "seconds": round(time.perf_counter() - t0, 3)}
+    print(f"[train] user-tag calibration: per-tag Platt scaling on {len(found)} tagged val images "
+          f"({fit['tags_with_scale_0']} of {len(scale)} tags get scale 0: their base rate)", flush=True)
+    return (scale, offset), fit
