@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from tagray import jsonio
-from tagray.config import load_config, parse_overrides
+from tagray.config import coerce_fields, load_config, parse_overrides
 from tagray.data.normalize import NormalizerConfig, TagNormalizer
 from tagray.data.schema import read_manifest, write_manifest
 from tagray.data.split import SplitConfig, assign_splits
@@ -75,6 +75,11 @@ def corpus(images: int, root: Path) -> dict:
 
 
 # --- heads ---------------------------------------------------------------------------------
+def configured(default, overrides: dict):
+    """`default` with `--set` overrides typed as the CLI types them (`l2=3e-4` is a YAML string)."""
+    return dataclasses.replace(default, **coerce_fields(type(default), overrides, "--set"))
+
+
 def _run(recipe, rule: bool, rows: int, batch: int):
     """`run_recipe` in this process; with the rule, the recipe's epochs scaled to the corpus and
     early stopping on its validation metric (where it has one)."""
@@ -111,7 +116,7 @@ def run_linear(c: dict, head: str, rule: bool, overrides: dict) -> dict:
 
     data = c["data"]
     train = data.parts["train"]
-    cfg = dataclasses.replace(HeadConfig(head=head), **overrides)
+    cfg = configured(HeadConfig(head=head), overrides)
     y = multi_hot(train.tag_ids, data.tags)
     recipe = LinearRecipe(cfg, train.x.shape[1], data.tags, y.mean(0), len(train), train={"x": torch.from_numpy(train.x), "y": y})
     history = _run(recipe, rule, len(train), cfg.batch_size)
@@ -130,7 +135,7 @@ def train_embed(c: dict, rule: bool, overrides: dict):
     data = c["data"]
     train = data.parts["train"]
     tagged = (train.tag_ids >= 0).any(1)  # the embed head trains on tagged images only (tagged_only=True)
-    cfg = dataclasses.replace(EmbedConfig(), **overrides)
+    cfg = configured(EmbedConfig(), overrides)
     words, init, _ = word_table_init(data.vocab.tags, None, cfg.word_dim, cfg.init_scale, cfg.seed)
     counts = data.counts.astype(np.float64)
     table = WordTable(init, cfg.word_optimizer, cfg.word_lr)
@@ -175,7 +180,7 @@ def run_neighbors(c: dict, rule: bool, overrides: dict) -> dict:
     from tagray.heads.recipes.neighbors import NeighborsRecipe
 
     data = c["data"]
-    cfg = dataclasses.replace(NeighborsConfig(), **overrides)
+    cfg = configured(NeighborsConfig(), overrides)
     parts = [data.parts[s] for s in ("train", "val", "test")]
     nn = metadata_neighbors(metadata_lists(data.manifest, cfg.metadata, c["normalizer"]), data.manifest.column("split"),
                             parts, cfg, progress=False)
@@ -200,7 +205,7 @@ def run_refine(c: dict, rule: bool, overrides: dict) -> dict:
     from tagray.heads.refine import RefineConfig
 
     data = c["data"]
-    cfg = dataclasses.replace(RefineConfig(), **overrides)
+    cfg = configured(RefineConfig(), overrides)
     train = data.parts["train"]
     counts, co = cooccurrence(train.tag_ids, data.tags)
     ctx, kb = google_distance(counts, co, len(train)), wordnet_distance(list(data.vocab.tags), counts)

@@ -102,8 +102,14 @@ def bench_tag(model_dir: str, jpegs: list[bytes], levels: list[int], n: int, por
     for batched in (True, False):
         url = start({"model": model_dir, "index": None, "batch_size": 16 if batched else 1,
                      "tagger_cpus": 1.0}, "127.0.0.1", port)
+        tagger = serve.get_deployment_handle("Tagger", app_name="tagray")
         for c in levels:
+            before = tagger.batching.remote().result()
             row = {"batching": batched, **load(url, jpegs, c, max(n if c > 1 else n // 2, 2 * c))}
+            calls = {b: k - before.get(b, 0) for b, k in tagger.batching.remote().result().items()}
+            calls = {b: k for b, k in sorted(calls.items()) if k}  # model calls per batch size (warm-up included)
+            row["images_per_model_call"] = sum(b * k for b, k in calls.items()) / max(1, sum(calls.values()))
+            row["model_calls_by_batch_size"] = calls
             print(json.dumps(row), flush=True)
             rows.append(row)
         serve.shutdown()
