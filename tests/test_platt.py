@@ -129,20 +129,48 @@ def test_the_artifact_carries_the_calibration_and_an_uncalibrated_one_keeps_log_
         _head(tmp_path / "bad", (torch.ones(2), torch.zeros(2)))
 
 
-def test_calibration_reads_only_the_features_of_the_images_it_asks_for(tmp_path):
-    """`read_features(…, image_ids=…)`: the rows of those images from every shard, nothing else."""
+def test_the_calibration_sample_opens_only_the_feature_files_it_needs(tmp_path, monkeypatch):
+    """`store.sample_features`: only the asked-for images, at most `limit`, at most ⌈limit/spread⌉
+    per file, and files are opened only until the sample is complete (a store of 100M images is
+    not streamed through the driver for a 20,000-image sample)."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from tagray.features import store
 
     identity = {"name": "resnet18", "dim": 3}
-    for lo in (0, 5):
-        ids = [f"img{i}" for i in range(lo, lo + 5)]
-        store.write_shard(store.feature_table(ids, np.arange(lo * 3, (lo + 5) * 3, dtype=np.float32), 3, identity),
-                          str(tmp_path), store.shard_name(ids))
-    table, found_identity = store.read_features(str(tmp_path), image_ids=pa.array(["img7", "img1", "nope"]))
-    assert sorted(table.column("image_id").to_pylist()) == ["img1", "img7"]
-    assert found_identity["name"] == "resnet18"
-    rows = dict(zip(table.column("image_id").to_pylist(), table.column("feature").to_pylist(), strict=True))
-    assert rows["img7"] == [21.0, 22.0, 23.0]
-    assert store.read_features(str(tmp_path))[0].num_rows == 10
+    for f in range(10):
+        ids = [f"img{f:02d}-{i}" for i in range(20)]
+        store.write_shard(store.feature_table(ids, np.full((20, 3), f, np.float32), 3, identity), str(tmp_path),
+                          store.shard_name(ids))
+    wanted = pa.array([f"img{f:02d}-{i}" for f in range(10) for i in range(0, 20, 2)] + ["nope"])  # 10 per file
+    opened = []
+    read_table = pq.read_table
+    monkeypatch.setattr(store.pq, "read_table", lambda path, **kw: opened.append(path) or read_table(path, **kw))
+    sample = store.sample_features(str(tmp_path), wanted, limit=8, seed=0, spread=2)
+    got = sample.column("image_id").to_pylist()
+    assert len(got) == 8 and set(got) <= set(wanted.to_pylist())
+    by_file = {i.split("-")[0] for i in got}
+    assert len(by_file) == 2  # ⌈8/2⌉ = 4 from each of two files
+    assert len(set(opened)) == 2  # …and no other file was opened
+    features = dict(zip(got, sample.column("feature").to_pylist(), strict=True))
+    assert all(v == [float(int(k[3:5]))] * 3 for k, v in features.items())  # each row's own features
+    everything = store.sample_features(str(tmp_path), wanted, limit=1000, seed=0)
+    assert everything.num_rows == 100  # all of them when fewer than the limit exist
+
+
+@pytest.mark.integration
+def test_the_calibration_sample_reads_from_an_object_store(s3_bucket):
+    import pyarrow as pa
+
+    from tagray.features import store
+
+    endpoint, bucket = s3_bucket
+    out = f"s3://{bucket}/features"
+    for f in range(3):
+        ids = [f"img{f}-{i}" for i in range(10)]
+        store.write_shard(store.feature_table(ids, np.full((10, 2), f, np.float32), 2, {"name": "x", "dim": 2}), out,
+                          store.shard_name(ids), endpoint)
+    sample = store.sample_features(out, pa.array(["img0-1", "img2-3", "img2-4"]), limit=10, endpoint_url=endpoint)
+    rows = dict(zip(sample.column("image_id").to_pylist(), sample.column("feature").to_pylist(), strict=True))
+    assert rows == {"img0-1": [0.0, 0.0], "img2-3": [2.0, 2.0], "img2-4": [2.0, 2.0]}

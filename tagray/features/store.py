@@ -141,18 +141,45 @@ def features_identity(uri: str, endpoint_url: str | None = None) -> dict | None:
     return found
 
 
-def read_features(uri: str, endpoint_url: str | None = None,
-                  image_ids: pa.Array | None = None) -> tuple[pa.Table, dict | None]:
-    """The features at `uri` (a file or a shard directory) and their backbone identity: all of
-    them, or only the rows of `image_ids` (filtered while reading: memory for those rows only)."""
+def read_features(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, dict | None]:
+    """All features at `uri` (a file or a shard directory) and their backbone identity."""
     files = feature_files(uri, endpoint_url)
     if not files:
         raise FileNotFoundError(missing_message(uri))
     identity = features_identity(uri, endpoint_url)
     fs, _ = storage.filesystem_for(uri, endpoint_url)
     paths = [storage.filesystem_for(f, endpoint_url)[1] for f in files]
-    rows = None if image_ids is None else pc.field("image_id").isin(image_ids)
-    return pq.ParquetDataset(paths, filesystem=fs, filters=rows).read(), identity
+    return pq.ParquetDataset(paths, filesystem=fs).read(), identity
+
+
+def sample_features(uri: str, image_ids: pa.Array, limit: int, seed: int = 0, spread: int = 8,
+                    endpoint_url: str | None = None) -> pa.Table:
+    """Features of at most `limit` of `image_ids`, read file by file in a seeded random order until
+    enough are found: each file's image_id column first, then only its matching rows, at most
+    ⌈limit / spread⌉ from any one file (so a sample spans at least `spread` files when they hold
+    enough). What a calibration sample of a feature store of any size costs: the files it opens,
+    not the store (a filtered read of every file would stream all features through the caller)."""
+    files = feature_files(uri, endpoint_url)
+    if not files:
+        raise FileNotFoundError(missing_message(uri))
+    fs, _ = storage.filesystem_for(uri, endpoint_url)
+    rng = np.random.default_rng(seed)
+    per_file = -(-limit // max(1, spread))
+    wanted = pa.array(image_ids).cast(pa.string())
+    parts, found = [], 0
+    for i in rng.permutation(len(files)):
+        if found >= limit:
+            break
+        path = storage.filesystem_for(files[i], endpoint_url)[1]
+        ids = pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id")
+        rows = np.nonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))[0]
+        if not len(rows):
+            continue
+        rows = np.sort(rng.choice(rows, min(len(rows), per_file, limit - found), replace=False))
+        keep = ids.combine_chunks().take(pa.array(rows))
+        parts.append(pq.read_table(path, filesystem=fs, filters=pc.field("image_id").isin(keep)))
+        found += len(rows)
+    return pa.concat_tables(parts) if parts else pa.table({"image_id": pa.array([], pa.string())})
 
 
 def featurized_ids(uri: str, endpoint_url: str | None = None) -> pa.Array:

@@ -136,20 +136,21 @@ def train_embed(
 def calibration(mlp: TagMLP, tag_vectors: torch.Tensor, inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig,
                 width: int, endpoint_url: str | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict]:
     """Per-tag Platt scaling of the user-tag scores (`calibrate_user_tags`) on up to
-    `cfg.calibration_images` tagged val images (a seeded sample; only their features are read):
-    ((a, b), how) or (None, why not) — without it, user-tag probabilities are σ(s + log q(t))."""
+    `cfg.calibration_images` tagged val images (`store.sample_features`: a seeded sample that
+    opens only the feature files it needs) — ((a, b), how) or (None, why not); without it,
+    user-tag probabilities are σ(s + log q(t))."""
     if not cfg.calibration_images:
         return None, {"method": None, "reason": "calibration_images: 0"}
     targets = inputs.targets
     val = targets.filter(pc.and_(pc.equal(targets.column("split"), "val"),
                                  pc.greater(pc.list_value_length(targets.column("tag_ids")), 0)))
-    if val.num_rows > cfg.calibration_images:
-        pick = np.sort(np.random.default_rng(cfg.seed).choice(val.num_rows, cfg.calibration_images, replace=False))
-        val = val.take(pa.array(pick))
     found = np.zeros(0, np.int64)
     if val.num_rows:
-        features, _ = store.read_features(features_uri, endpoint_url, image_ids=val.column("image_id").combine_chunks())
-        x, found = align(features, val.column("image_id"))
+        features = store.sample_features(features_uri, val.column("image_id").combine_chunks(), cfg.calibration_images,
+                                         cfg.seed, endpoint_url=endpoint_url)
+        if features.num_rows:
+            val = val.filter(pc.is_in(val.column("image_id"), value_set=features.column("image_id")))
+            x, found = align(features, val.column("image_id"))
     if not len(found):
         log.warning("train: no tagged val images with features: user-tag probabilities stay σ(s + log q(t)) of the "
                     "sampler (give the manifest a val split to calibrate them)")
