@@ -70,7 +70,9 @@ def test_separable_and_empty_columns_stay_finite():
     a, b = fit_platt(s, y)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert float(a[0]) > 0
-    assert float(torch.sigmoid(b[1])) < 0.25  # Platt's targets: 1/(N- + 2) = 1/6 for a column without positives
+    # a column without positives: no slope, and Platt's target 1/(N⁻ + 2) = 1/6 as its probability
+    assert float(a[1]) == 0.0
+    torch.testing.assert_close(torch.sigmoid(b[1]), torch.tensor(1 / 6, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_user_tag_calibration_in_blocks_and_what_the_tagger_computes():
@@ -127,6 +129,10 @@ def test_the_artifact_carries_the_calibration_and_an_uncalibrated_one_keeps_log_
 
     with pytest.raises(ValueError, match="one scale and one offset per tag"):
         _head(tmp_path / "bad", (torch.ones(2), torch.zeros(2)))
+    unrecorded = load_embed_head(str(tmp_path / "cal"))
+    unrecorded.user_tags_fit = None  # the loader reads the calibration only where model.json records it
+    with pytest.raises(ValueError, match="user_tags_fit must say how"):
+        save_embed_head(unrecorded, str(tmp_path / "unrecorded"))
 
 
 def test_the_calibration_sample_opens_only_the_feature_files_it_needs(tmp_path, monkeypatch):
@@ -157,6 +163,11 @@ def test_the_calibration_sample_opens_only_the_feature_files_it_needs(tmp_path, 
     assert all(v == [float(int(k[3:5]))] * 3 for k, v in features.items())  # each row's own features
     everything = store.sample_features(str(tmp_path), wanted, limit=1000, seed=0)
     assert everything.num_rows == 100  # all of them when fewer than the limit exist
+    # fewer files than `spread`: the first pass's per-file cap is topped up from the files opened
+    few = store.sample_features(str(tmp_path), wanted, limit=30, seed=0, spread=100)
+    assert few.num_rows == 30 and set(few.column("image_id").to_pylist()) <= set(wanted.to_pylist())
+    one_file = pa.array([f"img03-{i}" for i in range(20)])
+    assert store.sample_features(str(tmp_path), one_file, limit=15, seed=1).num_rows == 15
 
 
 @pytest.mark.integration

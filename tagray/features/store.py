@@ -152,34 +152,45 @@ def read_features(uri: str, endpoint_url: str | None = None) -> tuple[pa.Table, 
     return pq.ParquetDataset(paths, filesystem=fs).read(), identity
 
 
-def sample_features(uri: str, image_ids: pa.Array, limit: int, seed: int = 0, spread: int = 8,
+def sample_features(uri: str, image_ids: pa.Array | pa.ChunkedArray, limit: int, seed: int = 0, spread: int = 8,
                     endpoint_url: str | None = None) -> pa.Table:
-    """Features of at most `limit` of `image_ids`, read file by file in a seeded random order until
-    enough are found: each file's image_id column first, then only its matching rows, at most
-    ⌈limit / spread⌉ from any one file (so a sample spans at least `spread` files when they hold
-    enough). What a calibration sample of a feature store of any size costs: the files it opens,
-    not the store (a filtered read of every file would stream all features through the caller)."""
+    """Features of at most `limit` of `image_ids` (fewer only when fewer have features), chosen
+    file by file in a seeded random order: each file's image_id column is read until enough
+    matches are found, at most ⌈limit / spread⌉ from any one file on the first pass (so a sample
+    spans at least `spread` files when they hold enough), then topped up from the files already
+    opened. Only the chosen files' rows are then read. What a calibration sample of a feature
+    store of any size costs: the files it opens, not the store (a filtered read of every file would
+    decode all features)."""
     files = feature_files(uri, endpoint_url)
     if not files:
         raise FileNotFoundError(missing_message(uri))
     fs, _ = storage.filesystem_for(uri, endpoint_url)
     rng = np.random.default_rng(seed)
     per_file = -(-limit // max(1, spread))
-    wanted = pa.array(image_ids).cast(pa.string())
-    parts, found = [], 0
+    wanted = pa.array(image_ids).cast(pa.string()) if not isinstance(image_ids, pa.ChunkedArray) \
+        else image_ids.combine_chunks().cast(pa.string())
+    opened: list[tuple[str, pa.Array, np.ndarray]] = []  # (path, its image ids, its matching rows shuffled)
+    taken: list[int] = []
+    found = 0
     for i in rng.permutation(len(files)):
         if found >= limit:
             break
         path = storage.filesystem_for(files[i], endpoint_url)[1]
-        ids = pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id")
+        ids = pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").combine_chunks()
         rows = np.nonzero(pc.is_in(ids, value_set=wanted).to_numpy(zero_copy_only=False))[0]
-        if not len(rows):
-            continue
-        rows = np.sort(rng.choice(rows, min(len(rows), per_file, limit - found), replace=False))
-        keep = ids.combine_chunks().take(pa.array(rows))
-        parts.append(pq.read_table(path, filesystem=fs, filters=pc.field("image_id").isin(keep)))
-        found += len(rows)
-    return pa.concat_tables(parts) if parts else pa.table({"image_id": pa.array([], pa.string())})
+        if len(rows):
+            opened.append((path, ids, rng.permutation(rows)))
+            taken.append(min(len(rows), per_file, limit - found))
+            found += taken[-1]
+    for j, (_, _, rows) in enumerate(opened):  # top up from the files already opened
+        more = min(len(rows) - taken[j], limit - found)
+        taken[j] += more
+        found += more
+    parts = [pq.read_table(path, filesystem=fs, filters=pc.field("image_id").isin(ids.take(pa.array(rows[:n]))))
+             for (path, ids, rows), n in zip(opened, taken, strict=True) if n]
+    if not parts:
+        return pa.table({"image_id": pa.array([], pa.string())})
+    return pa.concat_tables(parts, promote_options="permissive")
 
 
 def featurized_ids(uri: str, endpoint_url: str | None = None) -> pa.Array:

@@ -129,8 +129,9 @@ def fit_platt(
         g = Σ_i (σ(z_i) − τ_i) (s_i, 1),   H = Σ_i σ(z_i)(1 − σ(z_i)) [[s_i², s_i], [s_i, 1]] + ridge·I
 
     d = −H⁻¹g, or −(0, g_b/H_bb) for a column held at a = 0 (a = 0 and g_a > 0); the step is
-    halved until F decreases. Start: a = 0, b = log((N⁺ + 1)/(N⁻ + 1)) (Platt's). scores: (N, T);
-    y: (N, T) 0/1. Returns (a, b), each (T,) in scores' dtype.
+    halved until F does not increase. Start: a = 0, b = log((N⁺ + 1)/(N⁻ + 1)) (Platt's). A slope
+    left below 1e-8 (a column whose g_a is zero up to rounding: no positives, or no negatives) is
+    set to 0. scores: (N, T); y: (N, T) 0/1. Returns (a, b), each (T,) in scores' dtype.
     """
     s = scores.to(torch.float64)
     tau = platt_targets(y)
@@ -164,6 +165,7 @@ def fit_platt(
         a, b = new_a, new_b
         if float(change.max()) < tol:
             break
+    a = torch.where(a < 1e-8, torch.zeros_like(a), a)
     return a.to(scores.dtype), b.to(scores.dtype)
 
 def fit_verdict_intercepts(

@@ -83,6 +83,9 @@ def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | No
     finite_state(vectors, storage.join(directory, VECTORS_FILE))
     user_tags = None
     if head.user_tags is not None:
+        if not head.user_tags_fit:
+            raise ValueError("user_tags_fit must say how user_tags were fitted (model.json records it; the loader "
+                             "reads the calibration only where it is recorded)")
         user_tags = {"scale": head.user_tags[0].detach().cpu().float(), "offset": head.user_tags[1].detach().cpu().float()}
         if any(v.shape != (len(head.vocab),) for v in user_tags.values()):
             raise ValueError(f"user-tag calibration must have one scale and one offset per tag ({len(head.vocab)})")

@@ -119,7 +119,8 @@ class EmbedTagger(nn.Module):
     Platt scaling fitted on the validation split after training (`calibrate_user_tags`), or,
     without it, a_t = 1 and b_t = log q(t) of the negative sampler the head was trained with
     (samplers.log_noise_prior; zeros for the unsampled loss). Content (annotation, retrieval)
-    ranks by s_t. a_t ≥ 0, so each tag's ranking of images is the same under both."""
+    ranks by s_t either way; a_t ≥ 0, so P(y_t) never reverses a tag's ranking of images (a_t = 0
+    flattens it to the tag's base rate)."""
 
     robust = False
 
