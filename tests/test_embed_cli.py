@@ -110,13 +110,27 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     top = _search(corpus, "embed", capsys, "--image-id", beach[0]["image_id"], "-k", "5")
     assert len(top) == 5
 
-    # The trained model's own bad-input paths: an unknown query word; calibrating a non-linear head.
+    # The trained model's own bad-input path: an unknown query word.
     assert cli.main(["search", "--model", str(model), "--index", str(corpus["dir"] / "embed-index"),
                      "--q", "beach,flurbish"]) == 2
     assert "unknown word 'flurbish'" in capsys.readouterr().err
+
+    # `tagray calibrate` refits the user-tag scaling on a split's tagged images (here 200 of test's),
+    # the rest of the model unchanged; β from feedback is a linear head's, and is refused.
+    cal = corpus["dir"] / "embed-cal"
     assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
-                     corpus["features"], "--out", str(corpus["dir"] / "cal")]) == 2
-    assert "linear head" in capsys.readouterr().err
+                     corpus["features"], "--out", str(cal), "--split", "test", "--max-images", "200"]) == 0
+    refit = load_embed_head(str(cal))
+    assert refit.user_tags_fit["split"] == "test" and refit.user_tags_fit["images"] == 200
+    assert refit.metrics["calibrated_from"] == str(model)
+    assert torch.equal(refit.vectors, head.vectors) and refit.mlp_digest == head.mlp_digest
+    assert not torch.equal(refit.user_tags[1], head.user_tags[1])  # fitted again, on other images
+    assert cli.main(["calibrate", "--model", str(model), "--features", corpus["features"], "--out",
+                     str(corpus["dir"] / "fb"), "--feedback", "sqlite:///" + str(corpus["dir"] / "fb.db")]) == 2
+    assert "fitted on a split: --manifest, no --feedback" in capsys.readouterr().err
+    assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
+                     corpus["features"], "--out", str(corpus["dir"] / "none"), "--split", "holdout"]) == 2
+    assert "split 'holdout'" in capsys.readouterr().err and not (corpus["dir"] / "none").exists()
 
 
 def _initial(corpus, head) -> torch.Tensor:

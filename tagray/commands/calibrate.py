@@ -1,6 +1,8 @@
 """`tagray calibrate`: W frozen, one intercept β per tag fitted on clean labels (seed 001 §4.4,
 eq. 13) — the labelled images of a manifest split, or users' verdicts on suggested tags
-(`--feedback STORE`); writes a new model directory."""
+(`--feedback STORE`); on an embed model, per-tag Platt scaling of its user-tag scores refitted on
+a split's tagged images (what `tagray train --head embed` fits on val). Writes a new model
+directory."""
 
 from __future__ import annotations
 
@@ -17,14 +19,18 @@ from tagray.commands.common import add_endpoint, command
 from tagray.config import ConfigError, from_dict
 from tagray.data import schema, storage
 from tagray.data.feedback import FeedbackError, FeedbackStore, sqlite_path
+from tagray.data.normalize import TagNormalizer
 from tagray.data.schema import SchemaError
 from tagray.eval.inputs import load_inputs
 from tagray.features import store
 from tagray.heads.artifact import SavedHead, save_head
 from tagray.heads.calibrate import CalibrateConfig, FeedbackFit, fit_intercepts, recalibrate
+from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
+from tagray.heads.embedding import EmbedConfig
 from tagray.heads.fit import align
 from tagray.heads.models import load_model
-from tagray.heads.targets import dense, label_vocabulary
+from tagray.heads.targets import build_targets, dense, label_vocabulary
+from tagray.heads.user_tags import fit_on_split
 
 CALIBRATION_FILE = "calibration.json"  # feedback: per tag the verdicts used, β before and after, tags left as they were
 
@@ -32,7 +38,7 @@ CALIBRATION_FILE = "calibration.json"  # feedback: per tag the verdicts used, β
 def build_parser() -> argparse.ArgumentParser:
     defaults = CalibrateConfig  # its field defaults, shown in the help
     p = argparse.ArgumentParser(prog="tagray calibrate", description=__doc__)
-    p.add_argument("--model", required=True, help="trained model directory (lr, rlr; calibrated or not)")
+    p.add_argument("--model", required=True, help="trained model directory (lr, rlr, calibrated or not; embed)")
     p.add_argument("--manifest", default=None, help="manifest with labels and a split column (not with --feedback)")
     p.add_argument("--features", required=True, help="features of the images the labels or verdicts are about")
     p.add_argument("--out", required=True, help="the calibrated model directory")
@@ -43,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-absent", type=int, default=None, help=f"--feedback: absent verdicts a tag needs (default {defaults.min_absent})")
     p.add_argument("--prior", type=float, default=None,
                    help=f"--feedback: weight of the prior β ~ N(current β, 1/prior) (default {defaults.prior:g})")
-    p.add_argument("--split", default="val", help="split whose labelled images calibrate (default val)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most N labelled images (seeded sample)")
+    p.add_argument("--split", default="val", help="split whose labelled (embed: tagged) images calibrate (default val)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="use at most N labelled images (seeded sample; embed: default EmbedConfig.calibration_images)")
     p.add_argument("--l2", type=float, default=None, help=f"labelled split: weight of the prior β ~ N(0, 1/l2) (default {defaults.l2:g})")
     p.add_argument("--seed", type=int, default=0)
     add_endpoint(p)
@@ -63,8 +70,8 @@ def calibrate(inputs, split: str, max_images: int | None, l2: float, seed: int) 
     targets = inputs.targets
     head = inputs.head
     if not isinstance(head, SavedHead):
-        raise SchemaError(f"calibration fits the intercepts β of a linear head (lr, rlr); this model is a "
-                          f"{head.config.head!r} head")
+        raise SchemaError(f"calibration fits the intercepts β of a linear head (lr, rlr), or an embed head's user-tag "
+                          f"scaling; this model is a {head.config.head!r} head")
     part = targets.filter(pa.compute.and_(pa.compute.equal(targets.column("split"), split), targets.column("labelled")))
     if part.num_rows == 0:
         raise SchemaError(f"split '{split}' has no labelled images: calibration needs a 'labels' column with values")
@@ -131,8 +138,9 @@ def main_feedback(args: argparse.Namespace, cfg: CalibrateConfig) -> int:
                           "calibrate on the manifest's labelled split)")
     head = load_model(args.model, args.endpoint_url)
     if not isinstance(head, SavedHead):
-        raise SchemaError(f"calibration fits the intercepts β of a linear head (lr, rlr); this model is a "
-                          f"{head.config.head!r} head")
+        raise SchemaError(f"--feedback refits the intercepts β of a linear head (lr, rlr); this model is a "
+                          f"{head.config.head!r} head" + (" (its user-tag scaling is fitted on a split: --manifest, no "
+                                                         "--feedback)" if isinstance(head, SavedEmbedHead) else ""))
     features, identity = store.read_features(args.features, args.endpoint_url)
     store.require_same(identity, head.backbone, args.features, args.model)
     schema.validate_features(features.schema, args.features)
@@ -157,6 +165,32 @@ def main_feedback(args: argparse.Namespace, cfg: CalibrateConfig) -> int:
     return 0
 
 
+def main_embed(args: argparse.Namespace, head: SavedEmbedHead, t0: float) -> int:
+    """An embed model: its user-tag Platt scaling refitted on the tagged images of `--split`
+    (`user_tags.fit_on_split`), written with the rest of the model unchanged to `--out`."""
+    limit = EmbedConfig.calibration_images if args.max_images is None else args.max_images
+    if limit < 1:
+        raise ConfigError(f"--max-images must be ≥ 1, got {limit}")
+    store.require_same(store.features_identity(args.features, args.endpoint_url), head.backbone, args.features, args.model)
+    normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
+    manifest = schema.read_manifest(args.manifest, need=("split",), endpoint_url=args.endpoint_url)
+    targets = build_targets(manifest, normalizer, head.vocab)
+    tags = len(head.vocab)
+    fitted, fit = fit_on_split(head.mlp, head.vectors[:tags], targets, args.features, args.split, limit, args.seed,
+                               normalizer.cfg.max_tags, args.endpoint_url)
+    if fitted is None:
+        raise SchemaError(f"split '{args.split}' of {args.manifest} has no images with a vocabulary tag and features in "
+                          f"{args.features}: nothing to calibrate the user-tag scores on")
+    head.user_tags, head.user_tags_fit = fitted, fit
+    head.metrics = {**head.metrics, "user_tags": fit, "calibrated_from": args.model,
+                    "seconds_calibrating": time.perf_counter() - t0}
+    save_embed_head(head, args.out, args.endpoint_url)
+    print(f"user-tag calibration: per-tag Platt scaling on {fit['images']} tagged '{args.split}' images "
+          f"({fit['tags_with_scale_0']} of {tags} tags get scale 0: their base rate)")
+    print(f"model → {args.out}")
+    return 0
+
+
 @command("calibrate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -166,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.manifest is None:
         raise ConfigError("--manifest is required (the labelled split to calibrate on), unless --feedback STORE")
     t0 = time.perf_counter()
+    head = load_model(args.model, args.endpoint_url)
+    if isinstance(head, SavedEmbedHead):
+        return main_embed(args, head, t0)
     inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
     info = calibrate(inputs, args.split, args.max_images, cfg.l2, args.seed)
     info["seconds"] = time.perf_counter() - t0

@@ -11,8 +11,6 @@ import logging
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from tagray.config import to_dict
@@ -23,11 +21,10 @@ from tagray.eval.training_plot import plot_history
 from tagray.features import store
 from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
-from tagray.heads.embedding import EmbedConfig, TagMLP, calibrate_user_tags
-from tagray.heads.fit import align
+from tagray.heads.embedding import EmbedConfig, TagMLP
 from tagray.heads.oov import snap_oov
 from tagray.heads.recipes.embed import build_embed
-from tagray.heads.targets import padded_ids
+from tagray.heads.user_tags import fit_on_split
 from tagray.train.driver import fit_on_ray
 from tagray.train.run import TrainingInputs, train_data, training_inputs
 from tagray.train.run_config import TrainRunConfig, run_name
@@ -133,32 +130,20 @@ def train_embed(
     return metrics
 
 
+
 def calibration(mlp: TagMLP, tag_vectors: torch.Tensor, inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig,
                 width: int, endpoint_url: str | None = None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict]:
-    """Per-tag Platt scaling of the user-tag scores (`calibrate_user_tags`) on up to
-    `cfg.calibration_images` tagged val images (`store.sample_features`: a seeded sample that
-    opens only the feature files it needs) — ((a, b), how) or (None, why not); without it,
-    user-tag probabilities are σ(s + log q(t))."""
+    """Per-tag Platt scaling of the user-tag scores on up to `cfg.calibration_images` tagged val
+    images (`user_tags.fit_on_split`) — ((a, b), how) or (None, why not); without it, user-tag
+    probabilities are σ(s + log q(t))."""
     if not cfg.calibration_images:
         return None, {"method": None, "reason": "calibration_images: 0"}
-    targets = inputs.targets
-    val = targets.filter(pc.and_(pc.equal(targets.column("split"), "val"),
-                                 pc.greater(pc.list_value_length(targets.column("tag_ids")), 0)))
-    found = np.zeros(0, np.int64)
-    if val.num_rows:
-        features = store.sample_features(features_uri, val.column("image_id").combine_chunks(), cfg.calibration_images,
-                                         cfg.seed, endpoint_url=endpoint_url)
-        if features.num_rows:
-            val = val.filter(pc.is_in(val.column("image_id"), value_set=features.column("image_id")))
-            x, found = align(features, val.column("image_id"))
-    if not len(found):
+    fitted, fit = fit_on_split(mlp, tag_vectors, inputs.targets, features_uri, "val", cfg.calibration_images, cfg.seed,
+                               width, endpoint_url)
+    if fitted is None:
         log.warning("train: no tagged val images with features: user-tag probabilities stay σ(s + log q(t)) of the "
                     "sampler (give the manifest a val split to calibrate them)")
-        return None, {"method": None, "reason": "no tagged val images with features"}
-    t0 = time.perf_counter()
-    scale, offset = calibrate_user_tags(mlp, tag_vectors, x, padded_ids(val.column("tag_ids").take(pa.array(found)), width))
-    fit = {"method": "platt", "split": "val", "images": len(found), "tags_with_scale_0": int((scale == 0).sum()),
-           "seconds": round(time.perf_counter() - t0, 3)}
-    print(f"[train] user-tag calibration: per-tag Platt scaling on {len(found)} tagged val images "
-          f"({fit['tags_with_scale_0']} of {len(scale)} tags get scale 0: their base rate)", flush=True)
-    return (scale, offset), fit
+    else:
+        print(f"[train] user-tag calibration: per-tag Platt scaling on {fit['images']} tagged val images "
+              f"({fit['tags_with_scale_0']} of {len(tag_vectors)} tags get scale 0: their base rate)", flush=True)
+    return fitted, fit
