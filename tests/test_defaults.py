@@ -60,6 +60,7 @@ class Corpus:
     targets: object  # build_targets of the whole manifest (evaluate_head's input)
     features: object
     normalizer: TagNormalizer
+    features_uri: str
 
 
 _CORPORA: dict[int, Corpus] = {}
@@ -74,7 +75,8 @@ def default_corpus(images: int, tmp_path_factory) -> Corpus:
         normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
         data = SplitsData(c["manifest"], c["features"], normalizer)
         features, _ = read_features(c["features"])
-        _CORPORA[images] = Corpus(data, build_targets(data.manifest, normalizer, data.vocab), features, normalizer)
+        _CORPORA[images] = Corpus(data, build_targets(data.manifest, normalizer, data.vocab), features, normalizer,
+                                  c["features"])
     return _CORPORA[images]
 
 
@@ -93,8 +95,9 @@ def train_and_report(head: str, corpus: Corpus) -> dict:
         return evaluate_head(model, corpus.targets, corpus.features, EvalConfig(), "test")[0]
     if head == "embed":
         from tagray.data.word_vectors import word_table_init
-        from tagray.heads.embedding import EmbedConfig, EmbedTagger, calibrate_user_tags
+        from tagray.heads.embedding import EmbedConfig, EmbedTagger
         from tagray.heads.recipes.embed import fit_embed
+        from tagray.heads.user_tags import fit_on_split
         from tagray.heads.word_table import WordTable
 
         cfg = EmbedConfig()  # no pretrained vectors (vectors=None): random word_dim-d words, as `tagray train` without --vectors
@@ -104,9 +107,10 @@ def train_and_report(head: str, corpus: Corpus) -> dict:
         tagged = (train.tag_ids >= 0).any(1)  # the embed head trains on tagged images (tagray train: tagged_only)
         mlp = fit_embed(x[torch.from_numpy(tagged)], train.tag_ids[tagged], table, counts, cfg)
         # as `tagray train` ends: per-tag Platt scaling of the user-tag scores on the tagged val images
-        vectors, val = table.vectors[: data.tags].clone(), data.parts["val"]
-        calibrate = (val.tag_ids >= 0).any(1)
-        scale, offset = calibrate_user_tags(mlp, vectors, torch.from_numpy(val.x[calibrate]), val.tag_ids[calibrate])
+        vectors = table.vectors[: data.tags].clone()
+        (scale, offset), fit = fit_on_split(mlp, vectors, corpus.targets, corpus.features_uri, "val",
+                                            cfg.calibration_images, cfg.seed, corpus.normalizer.cfg.max_tags)
+        assert fit["images"] == int((data.parts["val"].tag_ids >= 0).any(1).sum())  # every tagged val image
         tagger = EmbedTagger(mlp, vectors, offset, scale)
         return evaluate_head(tagger, corpus.targets, corpus.features, EvalConfig(), "test")[0]
     if head == "neighbors":
