@@ -71,7 +71,8 @@ def corpus(images: int, root: Path) -> dict:
     data = SplitsData(manifest_uri, written["features"], normalizer)
     targets = build_targets(data.manifest, normalizer, data.vocab)
     features, _ = read_features(written["features"])
-    return {"data": data, "targets": targets, "features": features, "normalizer": normalizer}
+    return {"data": data, "targets": targets, "features": features, "normalizer": normalizer,
+            "features_uri": written["features"]}
 
 
 # --- heads ---------------------------------------------------------------------------------
@@ -148,14 +149,14 @@ def train_embed(c: dict, rule: bool, overrides: dict):
 def embed_tagger(c: dict, cfg, recipe, table, counts, calibrate: bool = True):
     """The trained head as `tagray train` writes it: user-tag scores Platt-scaled per tag on the
     tagged val images (`calibration_images` > 0), else σ(s + log q(t))."""
-    from tagray.heads.embedding import EmbedTagger, calibrate_user_tags, tag_log_prior
+    from tagray.heads.embedding import EmbedTagger, tag_log_prior
+    from tagray.heads.user_tags import fit_on_split
 
     vectors = table.vectors[: c["data"].tags].clone()
     if not (calibrate and cfg.calibration_images):
         return EmbedTagger(recipe.mlp.eval(), vectors, tag_log_prior(cfg, counts))
-    val = c["data"].parts["val"]
-    tagged = np.nonzero((val.tag_ids >= 0).any(1))[0][: cfg.calibration_images]
-    scale, offset = calibrate_user_tags(recipe.mlp, vectors, torch.from_numpy(val.x[tagged]), val.tag_ids[tagged])
+    (scale, offset), _ = fit_on_split(recipe.mlp, vectors, c["targets"], c["features_uri"], "val",
+                                      cfg.calibration_images, cfg.seed, c["normalizer"].cfg.max_tags)
     return EmbedTagger(recipe.mlp.eval(), vectors, offset, scale)
 
 

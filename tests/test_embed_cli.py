@@ -131,6 +131,9 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
                      corpus["features"], "--out", str(corpus["dir"] / "none"), "--split", "holdout"]) == 2
     assert "split 'holdout'" in capsys.readouterr().err and not (corpus["dir"] / "none").exists()
+    assert cli.main(["calibrate", "--model", str(model), "--manifest", corpus["manifest"], "--features",
+                     str(corpus["dir"] / "no-features"), "--out", str(corpus["dir"] / "none")]) == 2
+    assert "no feature files" in capsys.readouterr().err and not (corpus["dir"] / "none").exists()
 
 
 def _initial(corpus, head) -> torch.Tensor:

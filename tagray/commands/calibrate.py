@@ -171,7 +171,10 @@ def main_embed(args: argparse.Namespace, head: SavedEmbedHead, t0: float) -> int
     limit = EmbedConfig.calibration_images if args.max_images is None else args.max_images
     if limit < 1:
         raise ConfigError(f"--max-images must be ≥ 1, got {limit}")
-    store.require_same(store.features_identity(args.features, args.endpoint_url), head.backbone, args.features, args.model)
+    identity = store.features_identity(args.features, args.endpoint_url)
+    if identity is None:  # no feature files at all (a file without an identity is refused by features_identity)
+        raise FileNotFoundError(store.missing_message(args.features))
+    store.require_same(identity, head.backbone, args.features, args.model)
     normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
     manifest = schema.read_manifest(args.manifest, need=("split",), endpoint_url=args.endpoint_url)
     targets = build_targets(manifest, normalizer, head.vocab)
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     head = load_model(args.model, args.endpoint_url)
     if isinstance(head, SavedEmbedHead):
         return main_embed(args, head, t0)
-    inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url)
+    inputs = load_inputs(args.model, args.manifest, args.features, args.endpoint_url, head=head)
     info = calibrate(inputs, args.split, args.max_images, cfg.l2, args.seed)
     info["seconds"] = time.perf_counter() - t0
     inputs.head.metrics = {**inputs.head.metrics, "calibration": info, "calibrated_from": args.model}

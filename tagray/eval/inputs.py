@@ -23,10 +23,11 @@ class Inputs:
     features: pa.Table  # image_id, feature
 
 
-def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None) -> Inputs:
-    """Loads the head with the normaliser it was saved with, and refuses features of a
-    backbone other than the one it was trained on."""
-    head = load_model(model_dir, endpoint_url)
+def load_inputs(model_dir: str, manifest_uri: str, features_uri: str, endpoint_url: str | None = None,
+                head: SavedHead | SavedEmbedHead | None = None) -> Inputs:
+    """Loads the head (unless the caller has: `head`) with the normaliser it was saved with, and
+    refuses features of a backbone other than the one it was trained on."""
+    head = head if head is not None else load_model(model_dir, endpoint_url)
     normalizer = TagNormalizer.from_identity(head.vocab.normalizer)
     features, identity = store.read_features(features_uri, endpoint_url)
     store.require_same(identity, head.backbone, features_uri, model_dir)
