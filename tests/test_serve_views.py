@@ -45,6 +45,32 @@ def test_a_setting_restarts_only_the_deployments_that_read_it(tmp_path):
     assert batched["Feedback"] == before["Feedback"]
 
 
+def test_every_deployment_gets_the_replica_lifecycle_settings(tmp_path):
+    """health_check_period_s, health_check_timeout_s and graceful_shutdown_wait_loop_s reach every
+    deployment's Serve options (the defaults and a changed value); they restart no replica that
+    does not read them (Serve applies them to the running ones), and bad values are refused."""
+    from tagray.config import ConfigError
+    from tagray.serve.app import build_app
+
+    base = {"model": "m", "feedback": f"sqlite:///{tmp_path}/f.db"}
+    names = ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_wait_loop_s")
+    for args in (base, {**base, "health_check_period_s": 0.7, "health_check_timeout_s": 9.0,
+                        "graceful_shutdown_wait_loop_s": 0.3}):
+        cfg = ServeConfig(**args)
+        ingress = build_app(args)._bound_deployment
+        tagger, _, feedback, _ = ingress.init_args
+        for d in (ingress, tagger._bound_deployment, feedback._bound_deployment):
+            got = {n: getattr(d._deployment_config, n) for n in names}
+            assert got == {n: getattr(cfg, n) for n in names}, d.name
+    changed = _deployments({**base, "health_check_period_s": 0.7})
+    before = _deployments(base)
+    assert changed["Tagger"] == before["Tagger"] and changed["Feedback"] == before["Feedback"]
+    for bad in ({"health_check_period_s": 0}, {"graceful_shutdown_wait_loop_s": float("nan")},
+                {"health_check_timeout_s": -1.0}):
+        with pytest.raises(ConfigError, match="health_check_period_s, health_check_timeout_s"):
+            ServeConfig(model="m", **bad)
+
+
 def test_the_ingress_imports_no_torch():
     """The Ingress replica imports tagray.serve.app for its settings and holds no model: without
     torch its imports take 1.3–1.9 s less and peak 467 MB lower (BENCHMARKS.md, *Serving*: redeploys)."""

@@ -635,12 +635,14 @@ def build_app(args: dict) -> serve.Application:
     # reconfigure of the running replicas — the old model or index serves until the new one has
     # loaded — and changed settings or code replace them.
     config = to_dict(dataclasses.replace(cfg, model="", index=None))
+    lifecycle = {"health_check_period_s": cfg.health_check_period_s, "health_check_timeout_s": cfg.health_check_timeout_s,
+                 "graceful_shutdown_wait_loop_s": cfg.graceful_shutdown_wait_loop_s}
     tagger_config, searcher_config, feedback_config = (view(config, d) for d in ("Tagger", "Searcher", "Feedback"))
     tagger = _versioned(Tagger.options(
         num_replicas=cfg.tagger_replicas,
         ray_actor_options={"num_cpus": cfg.tagger_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=max(4 * cfg.batch_size, 32),
-        user_config={"model": cfg.model},
+        user_config={"model": cfg.model}, **lifecycle,
     ), tagger_config).bind(tagger_config)
     searchers, index = [], None
     if cfg.index:
@@ -649,17 +651,17 @@ def build_app(args: dict) -> serve.Application:
         searchers = [_versioned(Searcher.options(name=f"Searcher-{g}", num_replicas=cfg.searcher_replicas,
                                                  ray_actor_options={"num_cpus": cfg.searcher_cpus},
                                                  user_config={"model": cfg.model, "index": cfg.index, "group": g,
-                                                              "groups": len(groups)}),
+                                                              "groups": len(groups)}, **lifecycle),
                                  searcher_config).bind(searcher_config)
                      for g in range(len(groups))]
         index = {"uri": cfg.index, "version": int(info.version), "kind": info.kind, "groups": groups}
     feedback = None
     if cfg.feedback:  # one replica: SQLite takes one writer (Serve replaces it when it dies)
         feedback = _versioned(Feedback.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1},
-                                               user_config={"model": cfg.model, "index": cfg.index}),
+                                               user_config={"model": cfg.model, "index": cfg.index}, **lifecycle),
                               feedback_config).bind(feedback_config)
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=256,
-                              user_config={"index": index})
+                              user_config={"index": index}, **lifecycle)
     # the Ingress holds a handle per search group: a different number of groups is a new Ingress
     return _versioned(ingress, config, groups=len(searchers), feedback=feedback is not None).bind(
         tagger, searchers, feedback, config)

@@ -74,6 +74,15 @@ class ServeConfig:
     require_api_keys: bool = False  # refuse to start without any key (the cluster configs set it)
     rate_limit_per_s: float = 0.0  # requests per second per key and Ingress replica (429 above); 0 = none
     rate_limit_burst: int = 20  # requests a key may make at once before the rate applies
+    # Serve's replica lifecycle, for every deployment of the app: how often the controller asks each
+    # replica whether it is alive (a replica whose process died is replaced after at most this long;
+    # Serve's default is 10 s), how long a replica that does not answer that call may take before it
+    # is replaced (a hung one), and how often a stopping replica looks whether its requests in flight
+    # have finished (it stops once they have, or after Serve's graceful_shutdown_timeout_s of 20 s;
+    # Serve's default look is every 2 s, which every rollout and shutdown waits out)
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 30.0
+    graceful_shutdown_wait_loop_s: float = 0.5
 
     @property
     def scan_threads(self) -> int:
@@ -95,6 +104,10 @@ class ServeConfig:
                               "torch_threads, search_threads, search_groups and max_offset must be finite and ≥ 0")
         if not (math.isfinite(self.search_timeout_s) and self.search_timeout_s > 0):
             raise ConfigError("search_timeout_s must be finite and > 0")
+        lifecycle = (self.health_check_period_s, self.health_check_timeout_s, self.graceful_shutdown_wait_loop_s)
+        if not all(math.isfinite(x) and x > 0 for x in lifecycle):
+            raise ConfigError("health_check_period_s, health_check_timeout_s and graceful_shutdown_wait_loop_s must be "
+                              "finite and > 0")
         if not (math.isfinite(self.rate_limit_per_s) and self.rate_limit_per_s >= 0) or self.rate_limit_burst < 1:
             raise ConfigError("rate_limit_per_s must be finite and ≥ 0, rate_limit_burst ≥ 1")
         from tagray.serve.auth import parse_entries
