@@ -7,7 +7,10 @@ Actor pools sized to what the cluster has free, with a deadline to start. Ray Da
 silently, and for ever, for a pool whose actors do not fit: a Serve app or another job holding
 the CPUs, a GPU pool whose GPUs are taken. `plan_pool` starts a pool at the actors that fit now
 (at least one) and lets it grow to `most` as resources free up (Ray Data's autoscaling pool:
-`ActorPoolStrategy(min_size=1, max_size=most)`); `bounded_start` ends the wait for the first
+`ActorPoolStrategy(min_size=first, max_size=most)`; a fixed pool when all `most` fit now — with
+min_size 1 Ray Data gave back the second of two actors as soon as the first input reached one of
+them, utilization 0.5 being its downscaling threshold, and featurize ran on one of two CPUs);
+`bounded_start` ends the wait for the first
 actor after `wait_s` with `NotEnoughResources`, an error naming what was asked and what was
 free. Featurize and the index build use both, and `released` on failure.
 """
@@ -116,9 +119,9 @@ class PoolPlan:
     def strategy(self) -> ray.data.ActorPoolStrategy:
         import ray.data
 
-        if self.most == 1:
-            return ray.data.ActorPoolStrategy(size=1)
-        return ray.data.ActorPoolStrategy(min_size=1, max_size=self.most, initial_size=self.first)
+        if self.first == self.most:
+            return ray.data.ActorPoolStrategy(size=self.most)
+        return ray.data.ActorPoolStrategy(min_size=self.first, max_size=self.most, initial_size=self.first)
 
     @property
     def fits_now(self) -> bool:

@@ -241,6 +241,27 @@ def test_write_block_is_idempotent_and_returns_bookkeeping(tmp_path):
     assert only_errors.column("shard").to_pylist() == [None] and len(list((tmp_path / "f").iterdir())) == 1
 
 
+def _seen(rows: pa.Table) -> pa.Table:
+    return rows.append_column("seen", pa.array([rows.num_rows] * rows.num_rows))
+
+
+def test_a_small_run_is_cut_into_decode_tasks_of_one_block_each(ray_local):
+    """160 manifest rows in blocks of 32 are 5 decode tasks of 2 calls of 16, so both backbone
+    actors get work. Fused after the expanding map, Ray Data bundled the decode stage's input by
+    its batch size counted in start rows: 16 starts of 32 rows each, so the whole run was one
+    task and one block of 160 rows, embedded by one actor (BENCHMARKS.md, *Feature extraction*)."""
+    from tagray.features.pipeline import manifest_rows
+
+    table = pa.table({"image_id": [f"i{i:03d}" for i in range(160)], "uri": [f"/x/{i}.jpg" for i in range(160)]})
+    ds = manifest_rows(table, 32, 2.0, 0.25, then=_seen, then_rows=16)
+    blocks = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert sorted(b.num_rows for b in blocks) == [32] * 5
+    assert {v for b in blocks for v in b.column("seen").to_pylist()} == {16}
+    assert sorted(i for b in blocks for i in b.column("image_id").to_pylist()) == table.column("image_id").to_pylist()
+    # without `then`: the rows themselves, each once (what benchmarks/featurize_start.py counts)
+    assert manifest_rows(table, 32, 2.0, 0.25).count() == 160
+
+
 def test_driver_iterates_bookkeeping_only(ray_local, tmp_path):
     """The dataset the driver iterates has the bookkeeping schema and no feature column; the
     shards it names were written by the workers."""

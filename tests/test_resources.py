@@ -55,3 +55,18 @@ def test_released_frees_what_only_the_failed_frames_held_and_keeps_the_error():
             assert (out.__traceback__ is None) == release
         finally:
             gc.enable()
+
+
+def test_a_pool_whose_actors_all_fit_is_fixed_and_one_that_grows_keeps_those_that_fit():
+    """Ray Data's autoscaling pool gave back the second of two actors that fit as soon as the
+    first input reached one of them (utilization 0.5 ≤ its downscaling threshold 0.5) and did not
+    grow again: featurize of 1,500 images ran on one of two CPUs (BENCHMARKS.md, *Feature
+    extraction*). All fit: a fixed pool; some fit: never fewer than those."""
+    def plan(first: int, most: int) -> resources.PoolPlan:
+        return resources.PoolPlan("p", most, first, 0.75, 0.0, 0.25, 2.0, 2.0, 0.0, 60.0)
+
+    fixed = plan(2, 2).strategy()
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
+    assert (plan(1, 1).strategy().min_size, plan(1, 1).strategy().max_size) == (1, 1)
+    grows = plan(2, 4).strategy()
+    assert (grows.min_size, grows.max_size, grows.initial_size) == (2, 4, 2)

@@ -15,8 +15,9 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -165,9 +166,10 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
     use_gpu, pool = resources
     identity = prepared.identity
     weights_ref = [ray.put(prepared.state)] if prepared.state is not None else []
-    ds = manifest_rows(pending.select(["image_id", "uri"]), cfg.block_rows, pool.total_cpus, cfg.decode_cpus).map_batches(
-        fetch_and_decode,
-        fn_kwargs={
+    ds = manifest_rows(
+        pending.select(["image_id", "uri"]), cfg.block_rows, pool.total_cpus, cfg.decode_cpus,
+        then=fetch_and_decode, then_rows=cfg.decode_batch_size,
+        then_kwargs={
             "image_size": identity["image_size"],
             "resize_size": identity["resize_size"],
             "max_bytes": cfg.max_bytes,
@@ -177,9 +179,6 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
                 "http_timeout_s", "http_total_timeout_s", "http_retries", "http_backoff_s",
                 "http_max_redirects", "allow_hosts")},
         },
-        batch_size=cfg.decode_batch_size,
-        batch_format="pyarrow",
-        num_cpus=cfg.decode_cpus,
     ).map_batches(
         Embedder,
         fn_constructor_kwargs={
@@ -204,29 +203,45 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
     )
 
 
-def manifest_rows(pending: pa.Table, block_rows: int, cluster_cpus: float, cpus: float) -> ray.data.Dataset:
-    """The pending (image_id, uri) rows as a Dataset, in batches of `block_rows`, with no task per
-    block: the table goes to the object store once, and a dataset of start rows (built in the
-    driver: `from_items`) is expanded by tasks reserving `cpus` (fused with the decode tasks, which
-    reserve the same). `from_arrow` of one table per block ran a 1-CPU metadata task per block:
-    100 s before the first image at 1M images on 2 CPUs (benchmarks/featurize_start.py), and never beside a
-    Serve app holding all but half a CPU. The starts are cut into enough blocks for every decode
-    task the cluster can run at once to have work, four times over."""
+def manifest_rows(pending: pa.Table, block_rows: int, cluster_cpus: float, cpus: float,
+                  then: Callable[..., Any] | None = None, then_rows: int = 1,
+                  then_kwargs: dict | None = None) -> ray.data.Dataset:
+    """The pending (image_id, uri) rows as a Dataset, `block_rows` at a time, with no task per
+    block — or, given `then`, `then(rows, **then_kwargs)` of every `then_rows` of them (the
+    fetch + decode stage) — in tasks reserving `cpus`. The table goes to the object store once,
+    and a dataset of start rows (built in the driver: `from_items`) is expanded by tasks that
+    each take one block of starts. `from_arrow` of one table per block ran a 1-CPU metadata task
+    per block: 100 s before the first image at 1M images on 2 CPUs
+    (benchmarks/featurize_start.py), and never beside a Serve app holding all but half a CPU.
+    The starts are cut into enough blocks for every task the cluster can run at once to have
+    work, four times over. `then` runs inside the expanding task rather than as a map fused
+    after it: Ray Data bundles a fused map's input by the later map's batch size counted in
+    start rows, so decode_batch_size 16 gave every decode task 16 starts of 32 images, and a run
+    of 160 images was one decode task and one block, embedded by one actor while the other
+    waited (BENCHMARKS.md, *Feature extraction*: small runs)."""
     import ray
 
     ref = ray.put(pending)
     starts = [{"start": s} for s in range(0, pending.num_rows, block_rows)]
     blocks = max(1, min(len(starts), 4 * math.ceil(max(cluster_cpus, 1.0) / cpus)))
+    step = then_rows if then is not None else block_rows
     return ray.data.from_items(starts, override_num_blocks=blocks).map_batches(
-        _rows_from, fn_kwargs={"table": [ref], "rows": block_rows}, batch_size=1, batch_format="pyarrow", num_cpus=cpus)
+        _rows_from, fn_kwargs={"table": [ref], "rows": block_rows, "step": step, "then": then,
+                               "then_kwargs": then_kwargs or {}},
+        batch_size=1, batch_format="pyarrow", num_cpus=cpus)
 
 
-def _rows_from(batch: pa.Table, table: list, rows: int) -> pa.Table:
-    """The `rows` manifest rows from each start row of `batch` (table: [the pending rows' ref])."""
+def _rows_from(batch: pa.Table, table: list, rows: int, step: int, then: Callable[..., Any] | None,
+               then_kwargs: dict) -> Iterator[Any]:
+    """The `rows` manifest rows from each start row of `batch` (table: [the pending rows' ref]),
+    `step` rows at a time, each passed through `then` when given."""
     import ray
 
     pending = ray.get(table[0])
-    return pa.concat_tables([pending.slice(s, rows) for s in batch.column("start").to_pylist()])
+    for s in batch.column("start").to_pylist():
+        for at in range(s, min(s + rows, pending.num_rows), step):
+            part = pending.slice(at, min(step, s + rows - at))
+            yield part if then is None else then(part, **then_kwargs)
 
 
 def in_blocks_of(ds: ray.data.Dataset, rows: int, cpus: float) -> ray.data.Dataset:
