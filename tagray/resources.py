@@ -6,13 +6,13 @@ at once on a fixed cluster, after a wait on one that autoscales (training, sweep
 Actor pools sized to what the cluster has free, with a deadline to start. Ray Data waits
 silently, and for ever, for a pool whose actors do not fit: a Serve app or another job holding
 the CPUs, a GPU pool whose GPUs are taken. `plan_pool` starts a pool at the actors that fit now
-(at least one) and lets it grow to `most` as resources free up (Ray Data's autoscaling pool:
-`ActorPoolStrategy(min_size=first, max_size=most)`; a fixed pool when all `most` fit now — with
+(at least one) and lets it grow to `most` as resources free up (`PoolPlan.strategy`: Ray Data's
+`ActorPoolStrategy(min_size=first, max_size=most)`, or a fixed pool when all `most` fit now; with
 min_size 1 Ray Data gave back the second of two actors as soon as the first input reached one of
-them, utilization 0.5 being its downscaling threshold, and featurize ran on one of two CPUs);
-`bounded_start` ends the wait for the first
-actor after `wait_s` with `NotEnoughResources`, an error naming what was asked and what was
-free. Featurize and the index build use both, and `released` on failure.
+them, utilization 0.5 being its downscaling threshold, and featurize ran on one of two CPUs).
+`bounded_start` ends the wait for the first actor after `wait_s` with `NotEnoughResources`, an
+error naming what was asked and what was free. Featurize and the index build use both, and
+`released` on failure.
 """
 
 from __future__ import annotations
@@ -117,6 +117,8 @@ class PoolPlan:
     wait_s: float
 
     def strategy(self) -> ray.data.ActorPoolStrategy:
+        """Ray Data's pool for this plan: fixed at `most` when all fit now, else from `first` (never
+        fewer: Ray Data would hand back actors that fit at the first lull) up to `most`."""
         import ray.data
 
         if self.first == self.most:

@@ -50,16 +50,22 @@ def test_every_deployment_gets_the_replica_lifecycle_settings(tmp_path):
     deployment's Serve options (the defaults and a changed value); they restart no replica that
     does not read them (Serve applies them to the running ones), and bad values are refused."""
     from tagray.config import ConfigError
+    from tagray.index import format as fmt
     from tagray.serve.app import build_app
 
+    index = str(tmp_path / "index")  # only index.json is read to plan the search groups
+    fmt.commit(index, {"kind": "predictions", "version": 1,
+                       "shard_list": [{"name": "s0", "images": 3}, {"name": "s1", "images": 2}]})
     base = {"model": "m", "feedback": f"sqlite:///{tmp_path}/f.db"}
     names = ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_wait_loop_s")
     for args in (base, {**base, "health_check_period_s": 0.7, "health_check_timeout_s": 9.0,
                         "graceful_shutdown_wait_loop_s": 0.3}):
         cfg = ServeConfig(**args)
-        ingress = build_app(args)._bound_deployment
-        tagger, _, feedback, _ = ingress.init_args
-        for d in (ingress, tagger._bound_deployment, feedback._bound_deployment):
+        ingress = build_app({**args, "index": index, "search_groups": 2})._bound_deployment
+        tagger, searchers, feedback, _ = ingress.init_args
+        assert [s._bound_deployment.name for s in searchers] == ["Searcher-0", "Searcher-1"]
+        for d in (ingress, tagger._bound_deployment, feedback._bound_deployment,
+                  *(s._bound_deployment for s in searchers)):
             got = {n: getattr(d._deployment_config, n) for n in names}
             assert got == {n: getattr(cfg, n) for n in names}, d.name
     changed = _deployments({**base, "health_check_period_s": 0.7})
