@@ -295,6 +295,9 @@ def test_page_min_score_filters_paging_and_more_like_this_in_headless_chromium(b
             wait.until(lambda d: d.find_element(By.ID, "search-status").text.startswith(label + ":"))
             return shown()
 
+        # the search box once the page's document is the one loaded (a full-suite run found none
+        # right after driver.get: the proxy logged the page's GET 200 and a second GET / aborted, 499)
+        wait.until(lambda d: d.find_elements(By.ID, "q"), "the page never showed its search box")
         driver.find_element(By.ID, "q").send_keys(q)
         driver.find_element(By.CSS_SELECTOR, "#search button").click()
         assert results_for(q) == [i for i, _ in everything[:12]]
