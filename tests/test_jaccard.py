@@ -13,6 +13,7 @@ from tagray.data.jaccard import (
     jaccard_neighbors,
     jaccard_neighbors_brute,
     metadata_vocabulary,
+    top_m,
 )
 from tagray.data.jaccard_lsh import EMPTY, jaccard_neighbors_lsh, minhash_signatures
 
@@ -63,6 +64,43 @@ def test_inverted_index_equals_brute_force(max_pairs: int) -> None:
     sub_nn, sub_dist = jaccard_neighbors(a, m=6, max_pairs=max_pairs, queries=some)
     np.testing.assert_array_equal(sub_nn, ref_nn[some])
     np.testing.assert_array_equal(sub_dist, ref_dist[some])
+
+
+def _top_m_by_lexsort(rows, cols, sim, n_rows, m):
+    """The reference: every pair sorted by (row, similarity descending, column), repeats once."""
+    pairs = sorted(set(zip(rows.tolist(), cols.tolist(), sim.tolist(), strict=True)), key=lambda p: (p[0], -p[2], p[1]))
+    nn, best = np.full((n_rows, m), NO_NEIGHBOR, np.int32), np.zeros((n_rows, m))
+    for r in range(n_rows):
+        mine = [p for p in pairs if p[0] == r][:m]
+        nn[r, : len(mine)] = [p[1] for p in mine]
+        best[r, : len(mine)] = [p[2] for p in mine]
+    return nn, best
+
+
+@pytest.mark.parametrize("case", ["ratios", "below_the_key_resolution", "wide_ids"])
+def test_top_m_is_the_lexsort_order_with_ties_by_column_and_repeats_once(case: str) -> None:
+    """`top_m` sorts one packed int64 key where that is exact and falls back to a three-key
+    lexsort where it is not; both give the reference's neighbours and similarities."""
+    rng = np.random.default_rng(7)
+    n_rows, n = 40, 3000
+    rows, cols = rng.integers(0, n_rows, n), rng.integers(0, 500, n)
+    shared, union = rng.integers(1, 4, n), rng.integers(4, 7, n)
+    sim = shared / union  # many exact ties, as Jaccard ratios of small sets have
+    if case == "below_the_key_resolution":  # ids of 2^30 leave 25 bits: sims 2^-30 apart share a bucket
+        cols, sim = cols + (1 << 30), 0.5 + rng.integers(0, 3, n) * 2.0**-30
+    if case == "wide_ids":  # ids of 2^30: the packed key keeps 25 bits for the similarity
+        cols = cols + (1 << 30)
+    dup = rng.integers(0, n, 200)  # pairs listed twice (LSH meets a pair in several bands)
+    rows, cols, sim = np.r_[rows, rows[dup]], np.r_[cols, cols[dup]], np.r_[sim, sim[dup]]
+    # one pair per (row, column): a repeat carries its pair's similarity
+    first = {}
+    for i, p in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+        first.setdefault(p, i)
+    sim = sim[[first[p] for p in zip(rows.tolist(), cols.tolist(), strict=True)]]
+    nn, best = top_m(rows, cols, sim, n_rows, 6)
+    ref_nn, ref_best = _top_m_by_lexsort(rows, cols, sim, n_rows, 6)
+    np.testing.assert_array_equal(nn, ref_nn)
+    np.testing.assert_array_equal(best, ref_best)
 
 
 def test_bad_neighbour_count() -> None:

@@ -127,6 +127,5 @@ def jaccard_neighbors_lsh(
         r = np.concatenate([held_rows, i, j])
         c = np.concatenate([best_nn[held].astype(np.int64), j, i])
         s = np.concatenate([best_sim[held], sim, sim])
-        _, first = np.unique(r * n + c, return_index=True)  # a pair met again (another band) counts once
-        best_nn, best_sim = top_m(r[first], c[first], s[first], n, m)
+        best_nn, best_sim = top_m(r, c, s, n, m)  # a pair met again (another band) counts once
     return best_nn, distances(best_sim)
