@@ -96,8 +96,9 @@ def _check_first_run(summary, manifest, out, endpoint=None):
         assert json.loads(meta[schema.BACKBONE_METADATA_KEY]) == json.loads(json.dumps(summary["backbone"]))
         ids = pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
         assert uri.rsplit("/", 1)[1] == store.shard_name(ids)
-    # The driver received bookkeeping, not features: far less than one feature per image.
-    assert 0 < summary["driver_record_bytes"] < n_good * 512 * 4 / 50
+    # The driver received bookkeeping (a row per shard and per failed image), not features: under a
+    # twentieth of one feature per image.
+    assert 0 < summary["driver_record_bytes"] < n_good * 512 * 4 / 20
     assert _temporaries(out, endpoint) == []
 
 
@@ -124,6 +125,10 @@ def test_local_featurize_errors_resume_determinism(ray_local, tmp_path):
     schema.write_manifest(pa.concat_tables([manifest, more]), m_uri)
     resumed = featurize(m_uri, out, CFG)
     assert resumed["already_done"] == first["featurized"] and resumed["featurized"] == 5
+    # A run of less than a shard: its start-up ends when the first batch leaves the backbone, not
+    # when its one shard is written (which had made the whole run start-up, with no steady rate).
+    assert 0 < resumed["startup_seconds"] < resumed["pipeline_seconds"]
+    assert resumed["steady_images_per_second"] > resumed["images_per_second"]
     after = _features(out)
     assert len(after) == len(before) + 5
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -212,6 +217,7 @@ def _block(ids: list[str], reasons: list[str], dim: int = 4) -> dict[str, np.nda
         "stage": np.array(["decode" if r else "" for r in reasons], dtype=object),
         "reason": np.array(reasons, dtype=object),
         "feature": np.arange(n * dim, dtype=np.float32).reshape(n, dim),
+        "embedded_at": 1000.0 + np.arange(n, dtype=np.float64)[::-1],  # the batches' times out of the backbone
     }
 
 
@@ -225,10 +231,11 @@ def test_write_block_is_idempotent_and_returns_bookkeeping(tmp_path):
     again = store.write_feature_block(block, out, 4, identity)
     assert first.schema == store.RECORDS_SCHEMA and "feature" not in first.column_names
     assert first.equals(again)
-    assert first.to_pylist() == [
-        {"shard": store.shard_name(["b", "c"]), "rows": 2, "image_id": None, "uri": None, "stage": None, "reason": None},
+    assert first.to_pylist() == [  # first_embedded_at: the block's earliest time out of the backbone
+        {"shard": store.shard_name(["b", "c"]), "rows": 2, "image_id": None, "uri": None, "stage": None, "reason": None,
+         "first_embedded_at": 1000.0},
         {"shard": None, "rows": 0, "image_id": "a", "uri": "/img/a.jpg", "stage": "decode",
-         "reason": "corrupt image: truncated"},
+         "reason": "corrupt image: truncated", "first_embedded_at": 1000.0},
     ]
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [store.shard_name(["b", "c"])]
     table, found = store.read_features(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from tagray.features.backbone import build_backbone
@@ -37,4 +39,7 @@ class Embedder:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
                 features[ok] = self.model(x).float().cpu().numpy()
-        return {k: batch[k] for k in ("image_id", "uri", "stage", "reason")} | {"feature": features}
+        # when this batch left the backbone (wall clock): the driver's start-up figure is the first of them
+        embedded_at = np.full(len(ok), time.time(), dtype=np.float64)
+        return {k: batch[k] for k in ("image_id", "uri", "stage", "reason")} | {"feature": features,
+                                                                              "embedded_at": embedded_at}

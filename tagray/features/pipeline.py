@@ -300,8 +300,8 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
                  pending.num_rows, summary["already_done"], pool.first, pool.most, "GPU" if use_gpu else "CPU",
                  cfg.backbone)
         ds = records_dataset(pending, out, cfg, prepared, (use_gpu, pool), endpoint_url)
-        t0 = time.perf_counter()
-        first_rows = 0
+        t0, t0_wall = time.perf_counter(), time.time()
+        first_embedded = math.inf  # wall clock: the first image out of any backbone actor
         record_bytes = 0
         # The driver sees bookkeeping only (store.RECORDS_SCHEMA): the workers wrote the shards.
         failure = None
@@ -315,9 +315,7 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
                             shards[name] = n  # a name seen twice is one file written twice (a retried task)
                     failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
                     errors.extend(failed.to_pylist())
-                    if not first_rows:  # start-up: actors loading the backbone, the first shard filling
-                        first_rows = sum(rows) + failed.num_rows
-                        summary["startup_seconds"] = time.perf_counter() - t0
+                    first_embedded = min(first_embedded, pc.min(batch.column("first_embedded_at")).as_py() or math.inf)
         except Exception as e:
             failure = e
         if failure is not None:
@@ -325,9 +323,13 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         summary["pipeline_seconds"] = time.perf_counter() - t0
         summary["driver_record_bytes"] = record_bytes
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]
-        steady = summary["pipeline_seconds"] - summary.get("startup_seconds", 0.0)
-        if pending.num_rows > first_rows and steady > 0:
-            summary["steady_images_per_second"] = (pending.num_rows - first_rows) / steady
+        # Start-up: until the first batch left a backbone actor (actors placed and loading the
+        # backbone, the first images fetched and decoded); the steady rate is the rest of the run's.
+        if math.isfinite(first_embedded):
+            startup = min(max(first_embedded - t0_wall, 0.0), summary["pipeline_seconds"])
+            summary["startup_seconds"] = startup
+            if summary["pipeline_seconds"] > startup:
+                summary["steady_images_per_second"] = pending.num_rows / (summary["pipeline_seconds"] - startup)
     # Errors of images not retried this run are kept; those retried are replaced by this run's outcome.
     retried = pc.is_in(old_errors.column("image_id"), value_set=pending.column("image_id"))
     all_errors = pa.concat_tables([old_errors.filter(pc.invert(retried)), pa.Table.from_pylist(errors, store.ERRORS_SCHEMA)])

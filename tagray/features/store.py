@@ -40,8 +40,10 @@ ERRORS_SCHEMA = pa.schema(
 TMP_PREFIX = "_tmp-"  # a shard being written; never matches SHARD_PATTERN
 # What a featurize worker sends the driver for each block it wrote: one row per shard
 # (shard = its file name, rows = its row count, the rest null) and one row per failed image
-# (shard null, rows 0, the ERRORS_SCHEMA fields). Never a feature.
-RECORDS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), *ERRORS_SCHEMA])
+# (shard null, rows 0, the ERRORS_SCHEMA fields); first_embedded_at: the wall-clock time
+# (time.time()) the block's first image left the backbone, on every row of the block. Never a feature.
+RECORDS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), *ERRORS_SCHEMA,
+                            ("first_embedded_at", pa.float64())])
 
 
 def feature_files(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -272,16 +274,18 @@ def write_feature_block(batch: dict[str, np.ndarray], out: str, dim: int, identi
     the driver in their place."""
     reason = np.asarray(batch["reason"], dtype=object)
     ok = reason == ""
+    at = batch.get("embedded_at")
+    first = {"first_embedded_at": float(np.min(at)) if at is not None and len(at) else None}
     records: list[dict] = []
     if ok.any():
         ids = [str(i) for i in np.asarray(batch["image_id"], dtype=object)[ok]]
         feats = np.asarray(batch["feature"])[ok]
         name = shard_name(ids)
         write_shard(feature_table(ids, feats, dim, identity), out, name, endpoint_url)
-        records.append({"shard": name, "rows": len(ids)})
+        records.append({"shard": name, "rows": len(ids)} | first)
     for i in np.nonzero(~ok)[0]:
         records.append({"rows": 0} | {k: None if batch[k][i] is None else str(batch[k][i])
-                                      for k in ERRORS_SCHEMA.names})
+                                      for k in ERRORS_SCHEMA.names} | first)
     return pa.Table.from_pylist(records, RECORDS_SCHEMA)
 
 
