@@ -197,6 +197,21 @@ def test_epoch_batches_deal_one_permutation_out_by_rank():
     assert not np.array_equal(one, np.concatenate(list(epoch_indices(100, 10, 1, 0, seed=3, epoch=3))))
 
 
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_takes_the_same_steps_per_epoch_at_any_world_size(head):
+    """The configured batch is the global one: with 2 workers each rank takes batch/2 images a
+    step and the same number of steps as 1 worker (Ray Train's workers each run this loop with
+    their rank; tests/test_recipes_ray.py trains every head there with 1 worker, the CLI modules
+    with 2). Rank 0 of 2 here: a lone session's broadcast is the identity, so a rank 1 would not
+    receive what rank 0 computes for it (refine's candidates)."""
+    data = _data()
+    one = run_recipe(_recipe(head, data), LocalSession())
+    two = run_recipe(_recipe(head, data), LocalSession(world=2, rank=0))
+    steps = [[h["steps_in_epoch"] for h in history] for history in (one, two)]
+    assert steps[0] == steps[1], steps
+    assert all(math.isfinite(h["loss"]) for h in two)
+
+
 class _SpySession(LocalSession):
     """Records the device of every tensor a step sees (batches and the model's parameters)."""
 

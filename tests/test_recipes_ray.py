@@ -1,6 +1,7 @@
-"""Every head through the one Ray Train worker (1 and 2 workers; the linear heads' in
-test_train_cli), a Tune trial through the same loop, and the non-finite-loss guard under Ray
-Train — on a small corpus, a few epochs each."""
+"""Every head through the one Ray Train worker with 1 worker (the linear heads' with 1 and 2 in
+test_train_cli; embed, neighbors and refine with 2 in test_embed_cli and test_neighbors_cli;
+the same steps per epoch at any world size in process: test_recipes.py), a Tune trial through
+the same loop, and the non-finite-loss guard under Ray Train — on a small corpus, a few epochs each."""
 
 from __future__ import annotations
 
@@ -40,20 +41,18 @@ def _train(corpus, name: str, head: str, workers: int, *extra: str) -> dict:
 # replicas' π identical) with 1 and 2 workers, the same steps per epoch and the same figures:
 # tests/test_train_cli.py::test_two_workers_match_one_and_share_pi. lr alone is the same code
 # without the EM step, trained on Ray Train by the demo and test_train_cli's calibrate test.
+# The other heads with 2 workers (DDP, the word shard server, refine's broadcast candidates):
+# test_embed_cli, test_neighbors_cli; with 1 worker here.
 @pytest.mark.parametrize("head", ["embed", "neighbors", "refine"])
-def test_every_head_trains_on_ray_train_with_one_and_two_workers(corpus, head):
+def test_every_head_trains_on_ray_train_with_one_worker(corpus, head):
     one = _train(corpus, f"{head}-1", head, 1)
-    two = _train(corpus, f"{head}-2", head, 2)
-    for m in (one, two):
-        first = 0 if head == "refine" else 1
-        assert [h["epoch"] for h in m["history"]] == list(range(first, 3))
-        assert all(h["loss"] == h["loss"] for h in m["history"])  # finite, not NaN
-    assert one["workers"] == 1 and two["workers"] == 2
-    # The global batch is the configured one at any world size: the same steps per epoch.
-    assert [h["steps_in_epoch"] for h in one["history"]] == [h["steps_in_epoch"] for h in two["history"]]
+    first = 0 if head == "refine" else 1
+    assert [h["epoch"] for h in one["history"]] == list(range(first, 3))
+    assert all(h["loss"] == h["loss"] for h in one["history"])  # finite, not NaN
+    assert one["workers"] == 1
+    assert all(h["steps_in_epoch"] >= 1 for h in one["history"])
     if head in ("neighbors", "refine"):
-        assert two["best_val_map"] == pytest.approx(one["best_val_map"], abs=0.1)
-        assert two["best_val_map"] > 0.05
+        assert one["best_val_map"] > 0.05
 
 
 def test_a_batch_that_does_not_split_over_the_workers_is_refused_before_ray(corpus, capsys):
