@@ -116,6 +116,8 @@ def test_local_featurize_errors_resume_determinism(ray_local, tmp_path):
     again = featurize(m_uri, out, CFG)
     assert again["processed"] == len(bad_objects(b"")) and again["featurized"] == 0 and again["shards"] == []
     assert store.read_errors(out).num_rows == len(bad_objects(b""))
+    # One batch (fewer images than batch_size): all of it is start-up, there is no steady rate.
+    assert again["processed"] <= CFG.batch_size and "steady_images_per_second" not in again
 
     # Resume with new images: only those are featurised, the old rows are untouched.
     more = schema.read_manifest(
@@ -125,10 +127,12 @@ def test_local_featurize_errors_resume_determinism(ray_local, tmp_path):
     schema.write_manifest(pa.concat_tables([manifest, more]), m_uri)
     resumed = featurize(m_uri, out, CFG)
     assert resumed["already_done"] == first["featurized"] and resumed["featurized"] == 5
-    # A run of less than a shard: its start-up ends when the first batch leaves the backbone, not
-    # when its one shard is written (which had made the whole run start-up, with no steady rate).
+    # A run of less than a shard but more than a batch: its start-up ends when the first batch
+    # leaves the backbone, not when its one shard is written (which had made the whole run
+    # start-up, with no steady rate); the steady rate counts the images after that batch.
+    assert resumed["processed"] > CFG.batch_size and resumed["processed"] < CFG.shard_rows
     assert 0 < resumed["startup_seconds"] < resumed["pipeline_seconds"]
-    assert resumed["steady_images_per_second"] > resumed["images_per_second"]
+    assert "steady_images_per_second" in resumed
     after = _features(out)
     assert len(after) == len(before) + 5
     assert all(np.array_equal(before[k], after[k]) for k in before)
@@ -217,7 +221,8 @@ def _block(ids: list[str], reasons: list[str], dim: int = 4) -> dict[str, np.nda
         "stage": np.array(["decode" if r else "" for r in reasons], dtype=object),
         "reason": np.array(reasons, dtype=object),
         "feature": np.arange(n * dim, dtype=np.float32).reshape(n, dim),
-        "embedded_at": 1000.0 + np.arange(n, dtype=np.float64)[::-1],  # the batches' times out of the backbone
+        # when each image's batch left the backbone: the first n − 1 in the first batch, the last in a later one
+        "embedded_at": np.r_[np.full(n - 1, 1000.0), 1001.0] if n > 1 else np.full(n, 1000.0),
     }
 
 
@@ -231,11 +236,13 @@ def test_write_block_is_idempotent_and_returns_bookkeeping(tmp_path):
     again = store.write_feature_block(block, out, 4, identity)
     assert first.schema == store.RECORDS_SCHEMA and "feature" not in first.column_names
     assert first.equals(again)
-    assert first.to_pylist() == [  # first_embedded_at: the block's earliest time out of the backbone
+    # first_embedded_at: the block's earliest time out of the backbone; first_batch_rows: the
+    # images stamped with it, once per block
+    assert first.to_pylist() == [
         {"shard": store.shard_name(["b", "c"]), "rows": 2, "image_id": None, "uri": None, "stage": None, "reason": None,
-         "first_embedded_at": 1000.0},
+         "first_embedded_at": 1000.0, "first_batch_rows": 2},
         {"shard": None, "rows": 0, "image_id": "a", "uri": "/img/a.jpg", "stage": "decode",
-         "reason": "corrupt image: truncated", "first_embedded_at": 1000.0},
+         "reason": "corrupt image: truncated", "first_embedded_at": 1000.0, "first_batch_rows": 0},
     ]
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [store.shard_name(["b", "c"])]
     table, found = store.read_features(out)

@@ -301,7 +301,8 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
                  cfg.backbone)
         ds = records_dataset(pending, out, cfg, prepared, (use_gpu, pool), endpoint_url)
         t0, t0_wall = time.perf_counter(), time.time()
-        first_embedded = math.inf  # wall clock: the first image out of any backbone actor
+        first_embedded = math.inf  # wall clock: the first batch out of any backbone actor
+        first_batch_rows = 0  # the images of that batch (its stamp can be on more than one block)
         record_bytes = 0
         # The driver sees bookkeeping only (store.RECORDS_SCHEMA): the workers wrote the shards.
         failure = None
@@ -315,7 +316,11 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
                             shards[name] = n  # a name seen twice is one file written twice (a retried task)
                     failed = batch.filter(pc.is_null(batch.column("shard"))).select(store.ERRORS_SCHEMA.names)
                     errors.extend(failed.to_pylist())
-                    first_embedded = min(first_embedded, pc.min(batch.column("first_embedded_at")).as_py() or math.inf)
+                    stamps = batch.column("first_embedded_at").to_pylist()
+                    for at, n in zip(stamps, batch.column("first_batch_rows").to_pylist(), strict=True):
+                        if at is not None and at <= first_embedded:
+                            first_batch_rows = (first_batch_rows if at == first_embedded else 0) + n
+                            first_embedded = at
         except Exception as e:
             failure = e
         if failure is not None:
@@ -324,12 +329,15 @@ def featurize(manifest_uri: str, out: str, cfg: FeaturizeConfig, endpoint_url: s
         summary["driver_record_bytes"] = record_bytes
         summary["images_per_second"] = pending.num_rows / summary["pipeline_seconds"]
         # Start-up: until the first batch left a backbone actor (actors placed and loading the
-        # backbone, the first images fetched and decoded); the steady rate is the rest of the run's.
+        # backbone, the first images fetched and decoded); the steady rate is that of the images
+        # after it, over the rest of the run (none when the run was one batch). The stamp is the
+        # worker's clock against the driver's: on a multi-node cluster their skew is in the figure.
         if math.isfinite(first_embedded):
             startup = min(max(first_embedded - t0_wall, 0.0), summary["pipeline_seconds"])
             summary["startup_seconds"] = startup
-            if summary["pipeline_seconds"] > startup:
-                summary["steady_images_per_second"] = pending.num_rows / (summary["pipeline_seconds"] - startup)
+            after = pending.num_rows - first_batch_rows
+            if after > 0 and summary["pipeline_seconds"] > startup:
+                summary["steady_images_per_second"] = after / (summary["pipeline_seconds"] - startup)
     # Errors of images not retried this run are kept; those retried are replaced by this run's outcome.
     retried = pc.is_in(old_errors.column("image_id"), value_set=pending.column("image_id"))
     all_errors = pa.concat_tables([old_errors.filter(pc.invert(retried)), pa.Table.from_pylist(errors, store.ERRORS_SCHEMA)])

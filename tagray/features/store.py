@@ -41,9 +41,11 @@ TMP_PREFIX = "_tmp-"  # a shard being written; never matches SHARD_PATTERN
 # What a featurize worker sends the driver for each block it wrote: one row per shard
 # (shard = its file name, rows = its row count, the rest null) and one row per failed image
 # (shard null, rows 0, the ERRORS_SCHEMA fields); first_embedded_at: the wall-clock time
-# (time.time()) the block's first image left the backbone, on every row of the block. Never a feature.
+# (time.time()) the block's first batch left the backbone, on every row of the block, and
+# first_batch_rows: how many of the block's images that batch held, on the block's first row
+# (0 on the others). Never a feature.
 RECORDS_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), *ERRORS_SCHEMA,
-                            ("first_embedded_at", pa.float64())])
+                            ("first_embedded_at", pa.float64()), ("first_batch_rows", pa.int64())])
 
 
 def feature_files(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -275,7 +277,7 @@ def write_feature_block(batch: dict[str, np.ndarray], out: str, dim: int, identi
     reason = np.asarray(batch["reason"], dtype=object)
     ok = reason == ""
     at = batch.get("embedded_at")
-    first = {"first_embedded_at": float(np.min(at)) if at is not None and len(at) else None}
+    first = {"first_embedded_at": float(np.min(at)) if at is not None and len(at) else None, "first_batch_rows": 0}
     records: list[dict] = []
     if ok.any():
         ids = [str(i) for i in np.asarray(batch["image_id"], dtype=object)[ok]]
@@ -286,6 +288,8 @@ def write_feature_block(batch: dict[str, np.ndarray], out: str, dim: int, identi
     for i in np.nonzero(~ok)[0]:
         records.append({"rows": 0} | {k: None if batch[k][i] is None else str(batch[k][i])
                                       for k in ERRORS_SCHEMA.names} | first)
+    if records and first["first_embedded_at"] is not None:  # a batch's rows share its one stamp
+        records[0]["first_batch_rows"] = int(np.count_nonzero(at == first["first_embedded_at"]))
     return pa.Table.from_pylist(records, RECORDS_SCHEMA)
 
 
