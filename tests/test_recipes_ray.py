@@ -50,7 +50,6 @@ def test_every_head_trains_on_ray_train_with_one_worker(corpus, head):
     assert [h["epoch"] for h in one["history"]] == list(range(first, 3))
     assert all(h["loss"] == h["loss"] for h in one["history"])  # finite, not NaN
     assert one["workers"] == 1
-    assert all(h["steps_in_epoch"] >= 1 for h in one["history"])
     if head in ("neighbors", "refine"):
         assert one["best_val_map"] > 0.05
 
