@@ -159,7 +159,8 @@ def records_dataset(pending: pa.Table, out: str, cfg: FeaturizeConfig, prepared:
     (store.RECORDS_SCHEMA): manifest rows (image_id, uri) → fetch + decode tasks → the backbone
     actors → blocks of exactly `shard_rows` images (Ray Data's strict streaming repartition;
     the last one smaller) → write tasks that write each block's featurised rows as one shard
-    (store.write_feature_block) and pass on only its name, row count and failed images.
+    (store.write_feature_block) and pass on only its name, row count, failed images and when
+    the block's first batch left a backbone actor (the run's start-up figure).
     Feature vectors stay in the workers and the object store; `resources` is `_resources(cfg)`."""
     import ray
 

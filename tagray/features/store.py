@@ -270,10 +270,11 @@ def feature_table(image_ids: Sequence[str], features: np.ndarray, dim: int, iden
 def write_feature_block(batch: dict[str, np.ndarray], out: str, dim: int, identity: dict,
                         endpoint_url: str | None = None) -> pa.Table:
     """Ray Data stage of `tagray featurize`, run by the workers: the images of one block
-    (`image_id`, `uri`, `stage`, `reason`, `feature`; reason "" when it was featurised) → its
-    featurised rows written as one shard (`write_shard` under `shard_name`), and the block's
-    bookkeeping in RECORDS_SCHEMA (the shard's name and rows, the failed images) returned to
-    the driver in their place."""
+    (`image_id`, `uri`, `stage`, `reason`, `feature`, and `embedded_at` when the backbone
+    stamped it; reason "" when it was featurised) → its featurised rows written as one shard
+    (`write_shard` under `shard_name`), and the block's bookkeeping in RECORDS_SCHEMA (the
+    shard's name and rows, the failed images, the first stamp and its batch's image count)
+    returned to the driver in their place."""
     reason = np.asarray(batch["reason"], dtype=object)
     ok = reason == ""
     at = batch.get("embedded_at")
