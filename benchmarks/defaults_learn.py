@@ -61,10 +61,11 @@ def min_epochs(epochs: int, rows: int, batch_size: int, min_steps: int = MIN_STE
 
 
 # --- corpus ---------------------------------------------------------------------------------
-def corpus(images: int, root: Path) -> dict:
-    """`tagray synth --features-only --images N` (SynthConfig defaults otherwise), split by user
-    (SplitConfig defaults), read as the trainers read it."""
-    written = synthesize(SynthConfig(images=images), str(root / "corpus"), features_only=True)
+def corpus(images: int, root: Path, synth: dict | None = None) -> dict:
+    """`tagray synth --features-only --images N` (SynthConfig defaults otherwise, or `synth`'s
+    fields), split by user (SplitConfig defaults), read as the trainers read it."""
+    cfg = dataclasses.replace(SynthConfig(images=images), **coerce_fields(SynthConfig, synth or {}, "--synth"))
+    written = synthesize(cfg, str(root / "corpus"), features_only=True)
     manifest_uri = str(root / "manifest.parquet")
     write_manifest(assign_splits(read_manifest(written["manifest"]), SplitConfig()), manifest_uri)
     normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
@@ -175,7 +176,8 @@ def _val_summary(recipe, history: list[dict]) -> dict:
             "val_history": [round(h["val_map"], 4) for h in history if h.get("val_map") is not None]}
 
 
-def run_neighbors(c: dict, rule: bool, overrides: dict) -> dict:
+def run_neighbors(c: dict, rule: bool, overrides: dict, empty: bool = False) -> dict:
+    """`empty`: every neighbourhood emptied (train, val and test), the model's visual path alone."""
     from tagray.eval.neighbors_report import evaluate_neighbors_model
     from tagray.heads.neighborhood import NeighborsConfig
     from tagray.heads.recipes.neighbors import NeighborsRecipe
@@ -185,6 +187,8 @@ def run_neighbors(c: dict, rule: bool, overrides: dict) -> dict:
     parts = [data.parts[s] for s in ("train", "val", "test")]
     nn = metadata_neighbors(metadata_lists(data.manifest, cfg.metadata, c["normalizer"]), data.manifest.column("split"),
                             parts, cfg, progress=False)
+    if empty:
+        nn = {split: np.full_like(rows, -1) for split, rows in nn.items()}
     train = data.parts["train"]
     val = {**data.validation("val"), "neighbors": nn["val"]}
     y = multi_hot(train.targets(cfg.target), data.tags)
@@ -220,14 +224,19 @@ def run_refine(c: dict, rule: bool, overrides: dict) -> dict:
             "refinement_map_label": {k: v["map_label"] for k, v in (refinement.get("methods") or {}).items()}}
 
 
-def run_head(c: dict, head: str, rule: bool, overrides: dict | None = None) -> dict:
+def run_head(c: dict, head: str, rule: bool, overrides: dict | None = None, empty_neighbourhoods: bool = False) -> dict:
     """One head on corpus `c`: its metric, the baselines, whether it beats each. `overrides`:
     config fields to change (experiments; the benchmark's own runs change none)."""
     t0 = time.perf_counter()
     overrides = overrides or {}
     run = {"lr": run_linear, "rlr": run_linear, "embed": run_embed, "neighbors": run_neighbors, "refine": run_refine}[head]
     with contextlib.redirect_stdout(sys.stderr):  # the loops' per-epoch lines (also the baselines'): stdout is JSON
-        out = run(c, head, rule, overrides) if head in ("lr", "rlr") else run(c, rule, overrides)
+        if head in ("lr", "rlr"):
+            out = run(c, head, rule, overrides)
+        elif head == "neighbors":
+            out = run(c, rule, overrides, empty_neighbourhoods)
+        else:
+            out = run(c, rule, overrides)
     out["beats"] = {k: out["model"] > v for k, v in out["baselines"].items() if v is not None}
     out["learns"] = all(out["beats"].values())
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -241,19 +250,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rule", action="store_true", help="apply the step-scaled epochs + early stopping rule")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="change config fields of every head run (experiments; none by default)")
+    p.add_argument("--synth", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="SynthConfig fields of the corpus besides images (another corpus; none by default)")
+    p.add_argument("--empty-neighbourhoods", action="store_true",
+                   help="neighbors: train and score with every neighbourhood emptied (the model's visual path alone)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/defaults_learn[_rule].json)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    results: dict = {"set": args.set, "rule": {"min_steps": MIN_STEPS, "max_epochs": MAX_EPOCHS, "patience": PATIENCE} if args.rule
+    results: dict = {"set": args.set, "synth": args.synth, "empty_neighbourhoods": args.empty_neighbourhoods, "rule": {"min_steps": MIN_STEPS, "max_epochs": MAX_EPOCHS, "patience": PATIENCE} if args.rule
                      else None, "sizes": {}}
     for images in args.images:
         with tempfile.TemporaryDirectory(prefix="defaults-learn-") as d:
             t0 = time.perf_counter()
-            c = corpus(images, Path(d))
+            c = corpus(images, Path(d), parse_overrides(args.synth))
             size = {"train_images": len(c["data"].parts["train"]), "tags": c["data"].tags,
                     "corpus_seconds": round(time.perf_counter() - t0, 1), "heads": {}}
             for head in args.heads:
-                size["heads"][head] = run_head(c, head, args.rule, parse_overrides(args.set))
+                size["heads"][head] = run_head(c, head, args.rule, parse_overrides(args.set), args.empty_neighbourhoods)
                 print(json.dumps({"images": images, "head": head, **size["heads"][head]}), flush=True)
             results["sizes"][str(images)] = size
     out = Path(args.out) if args.out else RESULTS / f"defaults_learn{'_rule' if args.rule else ''}.json"

@@ -10,6 +10,7 @@ from tagray.config import ConfigError
 from tagray.heads.neighborhood import (
     NeighborhoodNet,
     NeighborsConfig,
+    feature_moments,
     gather_neighborhood,
     neighborhood_scores,
     neighbors_loss,
@@ -102,6 +103,68 @@ def test_neighbourhood_information_is_learned() -> None:
     truth = label[ambiguous]
     assert ((with_nn > 0).float() == truth).float().mean().item() > 0.95
     assert ((without > 0).float() == truth).float().mean().item() < 0.7
+
+
+def ambiguous_problem(n: int = 600, d: int = 8) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Features (n, d), one label (n, 1) and 4 neighbours per image: half the images carry their
+    label in feature 0, the other half only through their neighbours (clear images of the label)."""
+    g = torch.Generator().manual_seed(0)
+    label = (torch.rand(n, generator=g) < 0.5).float()
+    x = torch.randn(n, d, generator=g)
+    x[:, 0] = 2 * label - 1
+    ambiguous = torch.arange(n) % 2 == 1
+    x[ambiguous, 0] = 0.0
+    rng = np.random.default_rng(0)
+    clear_of = [np.nonzero((label.numpy() == c) & ~ambiguous.numpy())[0] for c in (0, 1)]
+    nn = np.stack([rng.choice(clear_of[int(label[i])], 4, replace=False) for i in range(n)]).astype(np.int32)
+    return x, label[:, None], nn
+
+
+def test_feature_moments_are_numpys_in_chunks_and_a_constant_dimension_is_only_centred() -> None:
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1001, 5)) * [1e-3, 1, 30, 0, 2] + [1e4, -3, 0, 7, 0.5]).astype(np.float32)
+    mean, std = feature_moments(x, chunk_rows=64)  # 16 chunks, the last of 41 rows
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(std, x64.std(0), rtol=1e-9, atol=1e-9)  # 1e-3 about 1e4: no cancellation
+    x = x - x.mean(0, dtype=np.float64).astype(np.float32) * [1, 0, 0, 0, 0]  # float32 cannot z-score 1e-3 at 1e4
+    x[:, 3] = 7.0
+    net = NeighborhoodNet(5, 1, hidden=3)
+    net.standardize_features(torch.from_numpy(x))
+    z = ((torch.from_numpy(x) - net.feature_shift) * net.feature_scale).double()
+    np.testing.assert_allclose(z.mean(0).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), [1, 1, 1, 0, 1], atol=1e-3)
+    assert net.feature_scale[3].item() == 1.0 and net.feature_shift[3].item() == 7.0
+
+
+def test_standardised_training_does_not_see_the_features_scale_or_offset() -> None:
+    """Training on c_d·φ_d + b_d (per dimension) gives the model trained on φ when standardize is
+    on (z-scores are the same up to float rounding); with it off the two models differ."""
+    x, y, nn = ambiguous_problem()
+    g = torch.Generator().manual_seed(1)
+    c = torch.exp(torch.empty(x.shape[1]).uniform_(np.log(1e-2), np.log(10.0), generator=g))
+    b = torch.empty(x.shape[1]).uniform_(-1, 1, generator=g)
+    moved = x * c + b
+
+    def scores(features: torch.Tensor, standardize: bool) -> torch.Tensor:
+        cfg = NeighborsConfig(m=2, max_rank=4, hidden=16, dropout=0.0, lr=3e-3, epochs=3, batch_size=50, l2=1e-3,
+                              min_steps=0, standardize=standardize)
+        return neighborhood_scores(fit_neighbors(features, y, nn, cfg), features, nn, m=2, samples=3)[:, 0]
+
+    on, on_moved = scores(x, True), scores(moved, True)
+    spread = on.std().item()
+    assert (on - on_moved).abs().max().item() < 1e-3 * spread
+    off, off_moved = scores(x, False), scores(moved, False)
+    assert (off - off_moved).abs().max().item() > 0.1 * spread
+
+
+def test_a_model_saved_before_standardisation_loads_as_the_identity() -> None:
+    torch.manual_seed(0)
+    net = NeighborhoodNet(4, 2, hidden=3).eval()
+    old = {k: v for k, v in net.state_dict().items() if not k.startswith("feature_")}
+    net.standardize_features(np.random.default_rng(0).standard_normal((50, 4)) * 5 + 2)
+    net.load_state_dict(old)  # strict: no missing keys
+    assert net.feature_shift.tolist() == [0.0] * 4 and net.feature_scale.tolist() == [1.0] * 4
 
 
 def test_bad_settings_are_refused() -> None:

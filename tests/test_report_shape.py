@@ -113,6 +113,7 @@ def _neighbors(corpus, trained: bool) -> NeighborhoodNet:
     torch.manual_seed(0)
     model = NeighborhoodNet(corpus["x"].shape[1], corpus["tags"], NEIGHBORS.hidden, NEIGHBORS.dropout)
     if trained:
+        model.standardize_features(corpus["x"])  # as the recipe does: the saved model must carry the moments
         rng = np.random.default_rng(0)
         nn = corpus["neighbors"]["train"]
 

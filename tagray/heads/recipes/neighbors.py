@@ -83,6 +83,8 @@ class NeighborsRecipe(ArrayRecipe):
                   f"epochs, stopping after {cfg.patience} without a better validation mAP", flush=True)
         rate = np.asarray(_targets(self.train, np.arange(self.n), self.tags).mean(0))
         self.model = build_neighbors(cfg, self.dim, self.tags, rate)
+        if cfg.standardize:  # every rank sees the whole train split: the same moments everywhere
+            self.model.standardize_features(self.train["x"])
         self.forward = session.prepare(self.model)
         self.opt = make_optimizer(self.model, cfg)
         self.x = torch.as_tensor(self.train["x"]).to(session.device)
