@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="neighbors: train and score with every neighbourhood emptied (the model's visual path alone)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/defaults_learn[_rule].json)")
     args = p.parse_args(argv)
+    if "images" in parse_overrides(args.synth):
+        p.error("--synth images=…: give the corpus sizes with --images")
     torch.set_num_threads(1)
     results: dict = {"set": args.set, "synth": args.synth, "empty_neighbourhoods": args.empty_neighbourhoods, "rule": {"min_steps": MIN_STEPS, "max_epochs": MAX_EPOCHS, "patience": PATIENCE} if args.rule
                      else None, "sizes": {}}

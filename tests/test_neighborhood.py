@@ -123,7 +123,7 @@ def ambiguous_problem(n: int = 600, d: int = 8) -> tuple[torch.Tensor, torch.Ten
 def test_feature_moments_are_numpys_in_chunks_and_a_constant_dimension_is_only_centred() -> None:
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((1001, 5)) * [1e-3, 1, 30, 0, 2] + [1e4, -3, 0, 7, 0.5]).astype(np.float32)
-    mean, std = feature_moments(x, chunk_rows=64)  # 16 chunks, the last of 41 rows
+    mean, std = feature_moments(x, chunk_bytes=64 * 8 * 5)  # chunks of 64 rows: 16, the last of 41 rows
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(mean, x64.mean(0), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(std, x64.std(0), rtol=1e-9, atol=1e-9)  # 1e-3 about 1e4: no cancellation
@@ -133,8 +133,22 @@ def test_feature_moments_are_numpys_in_chunks_and_a_constant_dimension_is_only_c
     net.standardize_features(torch.from_numpy(x))
     z = ((torch.from_numpy(x) - net.feature_shift) * net.feature_scale).double()
     np.testing.assert_allclose(z.mean(0).numpy(), 0, atol=1e-4)
-    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), [1, 1, 1, 0, 1], atol=1e-3)
-    assert net.feature_scale[3].item() == 1.0 and net.feature_shift[3].item() == 7.0
+    # dimensions 1, 2, 4 z-scored; 0 (std 1e-3, 1/1,000 of the median: below the floor) and the constant 3
+    # are centred and scaled as the floor: 1 / (1e-2 × the median std of the varying ones)
+    floor = 1e-2 * np.median(x64.std(0)[[0, 1, 2, 4]])
+    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), [x64[:, 0].std() / floor, 1, 1, 0, 1], atol=1e-3)
+    assert x64[:, 0].std() / floor < 0.1
+    assert net.feature_shift[3].item() == 7.0
+    assert net.feature_scale[3].item() == pytest.approx(1 / floor, rel=1e-5)
+    # a dimension active in 1 training image in 1,000 is scaled as the floor too, not by its tiny std
+    rare = np.repeat(np.random.default_rng(2).standard_normal((1000, 1)).astype(np.float32), 4, axis=1)
+    rare[:, 3] = 0.0
+    rare[0, 3] = 1e-3
+    net2 = NeighborhoodNet(4, 1, hidden=3)
+    net2.standardize_features(rare)
+    assert net2.feature_scale[3].item() == pytest.approx(1 / (1e-2 * rare[:, 0].std()), rel=1e-3)
+    with pytest.raises(ValueError, match="need rows of features"):
+        feature_moments(np.zeros(5, np.float32))
 
 
 def test_standardised_training_does_not_see_the_features_scale_or_offset() -> None:
