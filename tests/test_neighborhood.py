@@ -181,6 +181,36 @@ def test_a_model_saved_before_standardisation_loads_as_the_identity() -> None:
     assert net.feature_shift.tolist() == [0.0] * 4 and net.feature_scale.tolist() == [1.0] * 4
 
 
+def test_a_saved_model_carries_its_moments_and_one_saved_before_them_says_it_is_unstandardised(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tagray.data.normalize import TagNormalizer, Vocabulary
+    from tagray.heads.net_artifact import SavedNetHead, load_net_head, save_net_head
+
+    vocab = Vocabulary(("beach", "dog"), (3, 2), TagNormalizer().identity())
+    torch.manual_seed(0)
+    net = NeighborhoodNet(4, 2, hidden=3).eval()
+    net.standardize_features(np.random.default_rng(0).standard_normal((50, 4)) * 5 + 2)
+    new, old = tmp_path / "new", tmp_path / "old"
+    for d in (new, old):
+        save_net_head(SavedNetHead(net, vocab, NeighborsConfig(hidden=3), None, np.array([3, 2])), str(d))
+    x, z, mask = torch.randn(6, 4), torch.randn(6, 2, 4), torch.ones(6, 2, dtype=torch.bool)
+    loaded = load_net_head(str(new))
+    assert loaded.config.standardize is True
+    torch.testing.assert_close(loaded.model(x, z, mask), net(x, z, mask))
+    # as written before standardisation: no buffers in the weights, no field in model.json
+    weights = {k: v for k, v in load_file(old / "weights.safetensors").items() if not k.startswith("feature_")}
+    save_file(weights, old / "weights.safetensors")
+    meta = json.loads((old / "model.json").read_text())
+    del meta["config"]["standardize"]
+    (old / "model.json").write_text(json.dumps(meta))
+    legacy = load_net_head(str(old))
+    assert legacy.config.standardize is False
+    assert legacy.model.feature_scale.tolist() == [1.0] * 4 and legacy.model.feature_shift.tolist() == [0.0] * 4
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ConfigError, match="m ≤ max_rank"):
         NeighborsConfig(m=7, max_rank=6)

@@ -8,6 +8,7 @@ network (seed 002) — in a local directory or s3:// prefix:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +79,10 @@ def load_net_head(directory: str, normalizer: TagNormalizer | None = None, endpo
     if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = build(meta["dim"], meta["tags"], cfg)
-    model.load_state_dict(read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url))
+    state = read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url)
+    if kind == "neighbors" and "feature_shift" not in state and "standardize" not in meta["config"]:
+        cfg = dataclasses.replace(cfg, standardize=False)  # saved before φ was standardised: scored as it was
+    model.load_state_dict(state)
     model.eval()
     metrics_uri = storage.join(directory, METRICS_FILE)
     metrics = json.loads(storage.read_text(metrics_uri, endpoint_url)) if storage.exists(metrics_uri, endpoint_url) else {}
