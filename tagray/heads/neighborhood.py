@@ -17,8 +17,9 @@ outputs, which are ≥ 0).
 the paper: its h, L2 3e-3 and RMSProp lr were chosen for AlexNet fc7 features; on features of
 ~D^-1/2 per dimension (unit-norm embeddings, the synthetic corpus's) the same steps barely move
 what W_x φ computes while the L2 pulls W_x to 0 (BENCHMARKS, *Shipped defaults*: test mAP_L at
-20,000 images 0.617 unstandardised at lr 1e-3, 0.884 standardised at 1e-3, 0.929 at 3e-4). With the z-score the settings do not
-depend on the backbone's scale: training on c·φ + b gives the model trained on φ.
+20,000 images 0.617 unstandardised at lr 1e-3, 0.884 standardised at 1e-3, 0.929 at 3e-4). With
+the z-score the settings do not depend on the backbone's scale: training on c·φ + b gives the
+model trained on φ.
 
 `neighbors_step` is the one training step; its recipe (batches, validation, best epoch) is
 tagray/heads/recipes/neighbors.py, run in-process, on Ray Train and in Ray Tune by heads/recipe.run_recipe.
