@@ -29,6 +29,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "tagray.serve.limits:proxy_middlewares")
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
+    # Ray Train (2.60) replaces print in its workers by a logger call that logs to stderr and, since
+    # a Ray worker's sys.stdout is not sys.__stdout__, also prints to stdout: every progress line of
+    # a training run reached the terminal twice. Off, a worker's print is Ray's ordinary stdout.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     ray.init(
         address=address,
         num_cpus=num_cpus if not (address or os.environ.get("RAY_ADDRESS")) else None,

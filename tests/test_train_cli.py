@@ -7,6 +7,7 @@ import contextlib
 import json
 import re
 import time
+from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
@@ -80,7 +81,16 @@ def test_model_directory_and_resume(small, rlr_one, capsys):
     assert cli.main(argv) == 0
     second = json.loads((model / "metrics.json").read_text())
     per_epoch = first["steps"] // 4
-    assert f"resuming after epoch 4 at step {4 * per_epoch}" in capsys.readouterr().out
+    import ray
+
+    out = capsys.readouterr().out
+    assert f"resuming after epoch 4 at step {4 * per_epoch}" in out
+    # A worker's progress line is written once, to its stdout: Ray Train's print patch (off in
+    # tagray.runtime) also logged every print to the worker's stderr, so the terminal showed it twice.
+    pid = re.search(r"\(RayTrainWorker pid=(\d+)\)[^\n]*resuming after epoch 4", out).group(1)
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    (stdout,), (stderr,) = logs.glob(f"worker-*-{pid}.out"), logs.glob(f"worker-*-{pid}.err")
+    assert stdout.read_text().count("epoch 6/6") == 1 and "epoch 6/6" not in stderr.read_text()
     assert second["steps"] == 6 * per_epoch
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5, 6]
     assert [h["step"] for h in second["history"]] == [per_epoch * e for e in range(1, 7)]
