@@ -15,6 +15,27 @@ log = logging.getLogger(__name__)
 # one-machine cluster, from the environment of the process that started Ray.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 
+# Ray Train's controller drains each worker's one-slot result queue when it polls them, every 2 s
+# by default, so every `ray.train.report` after the first blocked its worker for up to 2 s: an
+# epoch of 0.05 s took 2 s (`tagray demo`'s two 30-epoch trainings spent ~2 minutes waiting).
+# A missed poll is not a failure (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min, is), so a
+# shorter poll only costs the controller one small call per worker per poll. A value in the
+# environment of the process that calls init_ray wins (BENCHMARKS.md, *Training: Ray Train's controller poll*).
+TRAIN_POLL_S = "0.25"
+
+
+def job_env() -> dict[str, str]:
+    """The env_vars of every tagray job's runtime_env: storage settings (FORWARDED_ENV), WordNet's
+    folders, and Ray Train's print patch off and its controller poll (TRAIN_POLL_S)."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
+    # Ray Train (2.60) replaces print in its workers by a logger call that logs to stderr and, since
+    # a Ray worker's sys.stdout is not sys.__stdout__, also prints to stdout: every progress line of
+    # a training run reached the terminal twice. Off, a worker's print is Ray's ordinary stdout.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    return env
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Starts or joins Ray once per process. `address=None` joins RAY_ADDRESS when set and
@@ -27,12 +48,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # a cluster this process starts inherits its environment: Serve's proxy then caps request
         # bodies itself (tagray/serve/limits.py), not only the Ingress behind it
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "tagray.serve.limits:proxy_middlewares")
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
-    # Ray Train (2.60) replaces print in its workers by a logger call that logs to stderr and, since
-    # a Ray worker's sys.stdout is not sys.__stdout__, also prints to stdout: every progress line of
-    # a training run reached the terminal twice. Off, a worker's print is Ray's ordinary stdout.
-    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    env = job_env()
     ray.init(
         address=address,
         num_cpus=num_cpus if not (address or os.environ.get("RAY_ADDRESS")) else None,

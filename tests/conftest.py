@@ -21,10 +21,8 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-# Ray Train's controller polls its workers every 2 s by default, so each short test run waits up to
-# 2 s to see its workers start and again to see them finish: 0.25 s took three runs from 74.5 to
-# 58.5 s (BENCHMARKS.md, *Test suite*). Set before Ray starts: its workers inherit the environment.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train's controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) is tagray.runtime's TRAIN_POLL_S,
+# which init_ray gives every job: the tests run what users run.
 
 
 @pytest.fixture(scope="session")

@@ -61,6 +61,9 @@ def test_demo_end_to_end(demo_run):
     searches = summary["stages"]["embed"]["searches"]
     assert searches and all(len(hits) == 5 for hits in searches.values())
     assert (tmp_path / "index_embed" / "images.faiss").exists()
-    assert (tmp_path / "evaluation_embed" / "report.json").exists()
+    embed_report = json.loads((tmp_path / "evaluation_embed" / "report.json").read_text())
+    # judged against the baselines its report prints, so its verdict says whether it learned
+    assert {"random", "prior", "knn"} <= set(embed_report["baselines"])
+    assert embed_report["verdict"]["learned"] in (True, False) and summary["stages"]["embed"]["verdict"]
     assert summary["stages"]["serve"]["tag"]["tags"] and summary["stages"]["serve"]["search"]["images"]
     assert "summary →" in out and str(tmp_path) in out and "serving at http://127.0.0.1:" in out

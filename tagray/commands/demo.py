@@ -224,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         searches[",".join(query)] = [{"image_id": i, "score": sc, "labels": labels.get(i)} for i, _, sc in hits]
         print(f"search {','.join(query)!r}: " + ", ".join(f"{i} {labels.get(i)}" for i, _, _ in hits))
     report_uri = storage.join(out, "evaluation_embed", "report.json")
-    embed_report = run_evaluation(load_inputs(embed_dir, split_uri, features_dir), embed_dir, "test", report_uri,
-                                  with_baselines=False)
+    # with the baselines (as the RLR's report): without them its verdict cannot say whether it learned
+    embed_report = run_evaluation(load_inputs(embed_dir, split_uri, features_dir), embed_dir, "test", report_uri)
     print("\n".join(evaluate_lines(embed_report)))
     print(f"index  → {index_dir}\nreport → {report_uri}")
     summary["stages"]["embed"] = {"model": embed_dir, "index": index_dir, "searches": searches,
-                                  "tag_prediction": embed_report.get("tag_prediction"),
+                                  "tag_prediction": embed_report.get("tag_prediction"), "verdict": embed_report["verdict"],
                                   "seconds": time.perf_counter() - t0}
 
     t0 = _stage("serve: the Ray Serve app over HTTP (tagging, search, the page at /)")
