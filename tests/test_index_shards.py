@@ -37,6 +37,22 @@ IMAGES, DIM = 600, 16
 
 # --- pure parts ----------------------------------------------------------------------------------
 
+def test_a_read_only_batch_becomes_a_tensor_without_torchs_warning_and_a_writable_one_is_shared():
+    import warnings
+
+    from tagray.index.model import float_tensor
+
+    frozen = np.arange(12, dtype=np.float32).reshape(3, 4)
+    frozen.flags.writeable = False  # as Ray Data hands a batch over from Arrow
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy's "not writable" UserWarning fails this
+        t = float_tensor(frozen)
+    assert t.dtype == torch.float32 and np.array_equal(t.numpy(), frozen)
+    mine = np.ones((2, 3), np.float32)
+    assert np.shares_memory(float_tensor(mine).numpy(), mine)  # no copy where none is needed
+    assert float_tensor(np.ones((2, 3), np.float64)).dtype == torch.float32
+
+
 def test_top_rows_is_the_exact_top_n_with_ties_broken_by_lower_index():
     rng = np.random.default_rng(0)
     for _ in range(200):

@@ -53,12 +53,22 @@ def check_index_matches(meta: dict, head, where: str) -> None:
                                  f"{meta.get('mlp_digest')}, this one {head.mlp_digest}); rebuild it with `tagray index --model …`")
 
 
+def float_tensor(x: np.ndarray):
+    """x as a float32 torch tensor, sharing its memory where it can. A batch Ray Data hands over
+    (zero-copy from Arrow) is read-only, which torch.from_numpy warns about on every batch: that
+    one is copied (a feature batch costs far less to copy than the head costs to run on it)."""
+    import torch
+
+    a = np.ascontiguousarray(x, np.float32)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def log_p_true(head, x: np.ndarray) -> np.ndarray:
     """(B, T) log P(z=1|x) of a linear/refine head (float32)."""
     import torch
 
     with torch.inference_mode():
-        _, log_true = head.model.probabilities(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+        _, log_true = head.model.probabilities(float_tensor(x))
     return log_true.numpy()
 
 
@@ -67,7 +77,7 @@ def embed(head, x: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.inference_mode():
-        return head.mlp(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+        return head.mlp(float_tensor(x)).numpy()
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
