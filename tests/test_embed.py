@@ -159,3 +159,56 @@ def test_oov_snapping_restores_neighbours_of_unseen_words():
     # The closed-form answer is the rotated vector; snapping lands near it.
     cos = torch.nn.functional.cosine_similarity(snapped[seen_n:], initial[seen_n:] @ rotation)
     assert cos.min() > 0.9
+
+
+def test_standardised_h_does_not_see_the_features_scale_or_offset():
+    """fit_embed on c_d·φ_d + b_d gives the h trained on φ when standardize is on (the same
+    z-scores up to float rounding), and another h with it off."""
+    from tagray.heads.embedding import EmbedConfig
+    from tagray.heads.recipes.embed import fit_embed
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((96, 6)).astype(np.float32))
+    tag_ids = np.stack([rng.choice(5, 2, replace=False) for _ in range(96)]).astype(np.int64)
+    c = torch.from_numpy(np.exp(rng.uniform(np.log(1e-2), np.log(10.0), 6)).astype(np.float32))
+    moved = x * c + torch.from_numpy(rng.uniform(-1, 1, 6).astype(np.float32))
+    init = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32) * 0.1
+    counts = np.bincount(tag_ids.ravel(), minlength=5).astype(np.float64)
+
+    def out(features: torch.Tensor, standardize: bool) -> torch.Tensor:
+        cfg = EmbedConfig(hidden=(8,), word_dim=4, epochs=3, batch_size=32, lr=0.01, standardize=standardize)
+        h = fit_embed(features, tag_ids, WordTable(init.copy(), cfg.word_optimizer, cfg.word_lr), counts, cfg)
+        with torch.no_grad():
+            return h(features)
+
+    on, on_moved = out(x, True), out(moved, True)
+    spread = on.std().item()
+    assert (on - on_moved).abs().max().item() < 1e-3 * spread
+    off, off_moved = out(x, False), out(moved, False)
+    assert (off - off_moved).abs().max().item() > 0.1 * spread
+
+
+def test_a_saved_embed_head_carries_its_moments_and_one_saved_before_them_says_it_is_unstandardised(tmp_path):
+    from tagray.data.normalize import TagNormalizer, Vocabulary
+    from tagray.heads.embed_artifact import SavedEmbedHead, load_embed_head, save_embed_head
+    from tagray.heads.embedding import EmbedConfig, TagMLP
+    from tests.saved_models import as_saved_before_standardisation
+
+    vocab = Vocabulary(("beach", "dog"), (3, 2), TagNormalizer().identity())
+    torch.manual_seed(0)
+    mlp = TagMLP(4, (3,), 2).eval()
+    mlp.standardize_features(np.random.default_rng(0).standard_normal((50, 4)) * 5 + 2)
+    head = SavedEmbedHead(mlp, torch.randn(2, 2), ["beach", "dog"], vocab, EmbedConfig(hidden=(3,), word_dim=2), None,
+                          np.array([3, 2]), np.zeros(2, bool), "random")
+    new, old = tmp_path / "new", tmp_path / "old"
+    for d in (new, old):
+        save_embed_head(head, str(d))
+    x = torch.randn(6, 4)
+    loaded = load_embed_head(str(new))
+    assert loaded.config.standardize is True and loaded.mlp.feature_scale.ne(1).any()
+    torch.testing.assert_close(loaded.mlp(x), mlp(x))
+    # as written before standardisation: no buffers in the weights, no field in model.json
+    as_saved_before_standardisation(old)
+    legacy = load_embed_head(str(old))
+    assert legacy.config.standardize is False
+    assert legacy.mlp.feature_scale.tolist() == [1.0] * 4 and legacy.mlp.feature_shift.tolist() == [0.0] * 4

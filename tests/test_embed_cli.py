@@ -39,6 +39,21 @@ def _train(corpus, name: str, *overrides: str, workers: int = 2) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def _train_features(corpus) -> np.ndarray:
+    """φ of the images the embed head trains on (`training_inputs(…, tagged_only=True)`'s)."""
+    from tagray.config import load_config
+    from tagray.data.normalize import NormalizerConfig
+    from tagray.features.store import read_features
+    from tagray.heads.fit import align
+    from tagray.train.run import training_inputs
+
+    normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
+    inputs = training_inputs(corpus["manifest"], corpus["features"], normalizer, 128, tagged_only=True)
+    x, found = align(read_features(corpus["features"])[0], inputs.train.column("image_id"))
+    assert len(found) == inputs.n_train
+    return x.numpy()
+
+
 def _search(corpus, model: str, capsys, *args: str) -> list[dict]:
     capsys.readouterr()
     assert cli.main(["search", "--model", str(corpus["dir"] / model), "--index", str(corpus["dir"] / f"{model}-index"),
@@ -69,6 +84,11 @@ def test_embed_head_trains_on_shards_resumes_and_searches_any_word(corpus, capsy
     # Re-running with more epochs resumes: h from the checkpoint, word vectors from the
     # shard snapshot it names (not the pretrained file).
     head_before = load_embed_head(str(model))
+    # h z-scores φ with the training images' moments (the driver's sample: every one at this size)
+    x = _train_features(corpus)
+    assert head_before.config.standardize is True
+    torch.testing.assert_close(head_before.mlp.feature_shift, torch.from_numpy(x.mean(0, dtype=np.float64)).float(),
+                               rtol=1e-4, atol=1e-5)
     capsys.readouterr()
     resumed = _train(corpus, "embed", "shards=2", "epochs=8")
     assert f"resuming after epoch 6 at step {first['steps']}" in capsys.readouterr().out

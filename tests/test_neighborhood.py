@@ -174,12 +174,9 @@ def test_a_model_saved_before_standardisation_loads_as_the_identity() -> None:
 
 
 def test_a_saved_model_carries_its_moments_and_one_saved_before_them_says_it_is_unstandardised(tmp_path) -> None:
-    import json
-
-    from safetensors.torch import load_file, save_file
-
     from tagray.data.normalize import TagNormalizer, Vocabulary
     from tagray.heads.net_artifact import SavedNetHead, load_net_head, save_net_head
+    from tests.saved_models import as_saved_before_standardisation
 
     vocab = Vocabulary(("beach", "dog"), (3, 2), TagNormalizer().identity())
     torch.manual_seed(0)
@@ -193,11 +190,7 @@ def test_a_saved_model_carries_its_moments_and_one_saved_before_them_says_it_is_
     assert loaded.config.standardize is True
     torch.testing.assert_close(loaded.model(x, z, mask), net(x, z, mask))
     # as written before standardisation: no buffers in the weights, no field in model.json
-    weights = {k: v for k, v in load_file(old / "weights.safetensors").items() if not k.startswith("feature_")}
-    save_file(weights, old / "weights.safetensors")
-    meta = json.loads((old / "model.json").read_text())
-    del meta["config"]["standardize"]
-    (old / "model.json").write_text(json.dumps(meta))
+    as_saved_before_standardisation(old)
     legacy = load_net_head(str(old))
     assert legacy.config.standardize is False
     assert legacy.model.feature_scale.tolist() == [1.0] * 4 and legacy.model.feature_shift.tolist() == [0.0] * 4

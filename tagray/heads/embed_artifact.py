@@ -34,6 +34,7 @@ from tagray.heads.artifact import (
     write_weights,
 )
 from tagray.heads.embedding import EmbedConfig, EmbedTagger, TagMLP, tag_log_prior
+from tagray.heads.standardize import as_saved
 
 VECTORS_FILE = "word_vectors.safetensors"
 WORDS_FILE = "words.parquet"
@@ -131,7 +132,9 @@ def load_embed_head(directory: str, normalizer: TagNormalizer | None = None, end
     if vocab.version != meta["vocabulary_version"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     mlp = TagMLP(meta["dim"], cfg.hidden, meta["word_dim"], cfg.dropout)
-    mlp.load_state_dict(read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url))
+    state = read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url)
+    cfg = as_saved(cfg, state, meta["config"])
+    mlp.load_state_dict(state)
     mlp.eval()
     vectors = read_weights(storage.join(directory, VECTORS_FILE), endpoint_url)["vectors"]
     words = schema.read_table(storage.join(directory, WORDS_FILE), endpoint_url=endpoint_url)

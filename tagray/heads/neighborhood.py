@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
+from tagray.heads.standardize import STD_FLOOR, StandardizedInput, feature_moments  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +104,7 @@ class NeighborsConfig:
         return {"bands": self.lsh_bands, "rows": self.lsh_rows, "window": self.lsh_window, "seed": self.seed}
 
 
-STD_FLOOR = 1e-2  # standardisation: no dimension's std counts below this share of the median std
-
-
-def feature_moments(x: np.ndarray | torch.Tensor, chunk_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and standard deviation (population) of the rows of x (N, D), in float64,
-    chunk by chunk (~`chunk_bytes` of float64 each, not an (N, D) float64 copy at millions of
-    images), each chunk's moments taken about the first chunk's mean (no cancellation when
-    |mean| ≫ std)."""
-    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    if x.ndim != 2 or len(x) == 0:
-        raise ValueError(f"feature_moments: need rows of features (N ≥ 1, D), got shape {x.shape}")
-    rows = max(1, chunk_bytes // (8 * x.shape[1]))
-    pivot = x[:rows].mean(0, dtype=np.float64)
-    s1, s2 = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    for lo in range(0, len(x), rows):
-        d = x[lo : lo + rows].astype(np.float64) - pivot
-        s1 += d.sum(0)
-        s2 += np.einsum("ij,ij->j", d, d)
-    mean = s1 / len(x)
-    return pivot + mean, np.sqrt(np.maximum(s2 / len(x) - mean**2, 0.0))
-
-
-class NeighborhoodNet(nn.Module):
+class NeighborhoodNet(StandardizedInput, nn.Module):
     """f(x, z) of eq. 4–6 over a batch: x (B, D), z (B, m, D) with a validity mask (B, m). The
     buffers `feature_shift`, `feature_scale` (identity until `standardize_features`) z-score φ
     before W_x and W_z."""
@@ -133,8 +112,7 @@ class NeighborhoodNet(nn.Module):
     def __init__(self, dim: int, labels: int, hidden: int = 500, dropout: float = 0.5) -> None:
         super().__init__()
         self.dim, self.tags, self.hidden = dim, labels, hidden
-        self.register_buffer("feature_shift", torch.zeros(dim))
-        self.register_buffer("feature_scale", torch.ones(dim))
+        self._register_standardizer(dim)
         self.image = nn.Linear(dim, hidden)  # W_x, b_x
         self.neighbor = nn.Linear(dim, hidden)  # W_z, b_z
         self.out = nn.Linear(2 * hidden, labels)  # W_y, b_y
@@ -143,26 +121,8 @@ class NeighborhoodNet(nn.Module):
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
             nn.init.zeros_(layer.bias)
 
-    def standardize_features(self, x: np.ndarray | torch.Tensor) -> None:
-        """Sets the buffers to z-score φ with the moments of x (the training images). A std below
-        STD_FLOOR × the median std counts as that floor, so a dimension that (almost) never varies
-        in training — a rarely active ReLU unit, a constant — cannot blow up a new image's input."""
-        mean, std = feature_moments(x)
-        varying = std[std > 0]
-        floor = STD_FLOOR * float(np.median(varying)) if len(varying) else 1.0
-        with torch.no_grad():
-            self.feature_shift.copy_(torch.from_numpy(mean))
-            self.feature_scale.copy_(torch.from_numpy(1.0 / np.maximum(std, floor)))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Models saved before standardisation have no buffers: they load as the identity.
-        for name, value in (("feature_shift", 0.0), ("feature_scale", 1.0)):
-            state_dict.setdefault(prefix + name, torch.full((self.dim,), value))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, x: torch.Tensor, z: torch.Tensor, z_mask: torch.Tensor) -> torch.Tensor:
-        x = (x - self.feature_shift) * self.feature_scale
-        z = (z - self.feature_shift) * self.feature_scale
+        x, z = self.standardized(x), self.standardized(z)
         v_x = torch.relu(self.image(x))
         v_zi = torch.relu(self.neighbor(z)).masked_fill(~z_mask.unsqueeze(-1), 0.0)
         v_z = v_zi.amax(dim=1) if z.shape[1] else torch.zeros_like(v_x)

@@ -8,7 +8,6 @@ network (seed 002) — in a local directory or s3:// prefix:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from tagray.heads.artifact import (
     read_weights,
     write_weights,
 )
+from tagray.heads.standardize import as_saved
 
 NET_HEADS = ("neighbors", "refine")
 
@@ -80,8 +80,8 @@ def load_net_head(directory: str, normalizer: TagNormalizer | None = None, endpo
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = build(meta["dim"], meta["tags"], cfg)
     state = read_weights(storage.join(directory, WEIGHTS_FILE), endpoint_url)
-    if kind == "neighbors" and "feature_shift" not in state and "standardize" not in meta["config"]:
-        cfg = dataclasses.replace(cfg, standardize=False)  # saved before φ was standardised: scored as it was
+    if kind == "neighbors":
+        cfg = as_saved(cfg, state, meta["config"])
     model.load_state_dict(state)
     model.eval()
     metrics_uri = storage.join(directory, METRICS_FILE)

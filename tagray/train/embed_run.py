@@ -22,8 +22,10 @@ from tagray.features import store
 from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
 from tagray.heads.embedding import EmbedConfig, TagMLP
+from tagray.heads.fit import align
 from tagray.heads.oov import snap_oov
 from tagray.heads.recipes.embed import build_embed
+from tagray.heads.standardize import MOMENT_IMAGES, feature_moments
 from tagray.heads.user_tags import fit_on_split
 from tagray.train.driver import fit_on_ray
 from tagray.train.run import TrainingInputs, train_data, training_inputs
@@ -69,12 +71,13 @@ def train_embed(
     name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors", "calibration_images"),
                     vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words), run.materialize)
     snapshot_root = storage.join(out, "_ray", name, "word_shards")
+    moments = training_moments(inputs, features_uri, cfg, endpoint_url) if cfg.standardize else None
     train, datasets = train_data(inputs, features_uri, run, normalizer.cfg.max_tags, endpoint_url)
     table = ShardedWordTable.create(initial, run.shards, cfg.word_optimizer, cfg.word_lr, run.shard_cpus, endpoint_url)
     try:
         state = fit_on_ray("embed", cfg, {"dim": inputs.dim, "word_dim": word_dim, "counts": counts,
                                           "train_images": inputs.n_train, "train": train, "snapshot_root": snapshot_root,
-                                          "endpoint_url": endpoint_url},
+                                          "endpoint_url": endpoint_url, "moments": moments},
                            run, out, name, endpoint_url, datasets,
                            extra={"shard_names": table.names, "words": len(words), "word_dim": word_dim})
         shard_stats = table.stats()
@@ -129,6 +132,17 @@ def train_embed(
     plot_history(history, out)
     return metrics
 
+
+
+def training_moments(inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig,
+                     endpoint_url: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) of φ over the training images, or over a seeded sample of MOMENT_IMAGES of them
+    (the files it opens, not the store: `store.sample_features`), for h's standardisation."""
+    sample = store.sample_features(features_uri, inputs.train.column("image_id"), MOMENT_IMAGES, cfg.seed,
+                                   endpoint_url=endpoint_url)
+    x, _ = align(sample, sample.column("image_id"))
+    log.info("train: φ standardised with the moments of %d training images", len(x))
+    return feature_moments(x)
 
 
 def calibration(mlp: TagMLP, tag_vectors: torch.Tensor, inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig,

@@ -40,8 +40,12 @@ class EmbedRecipe(Recipe):
     hint = "lower lr / word_lr"
 
     def __init__(self, cfg: EmbedConfig, dim: int, word_dim: int, counts, table, train_images: int,
-                 train: dict | None = None, snapshot_root: str | None = None, endpoint_url: str | None = None) -> None:
+                 train: dict | None = None, snapshot_root: str | None = None, endpoint_url: str | None = None,
+                 moments: tuple | None = None) -> None:
+        """`moments`: (mean, std) of φ over the training images (or a sample of them) for
+        `cfg.standardize`; without them they are taken from `train["x"]`."""
         self.cfg, self.dim, self.word_dim, self.counts = cfg, dim, word_dim, np.asarray(counts)
+        self.moments = moments
         self.table, self.n, self.train = table, int(train_images), train
         self.snapshot_root, self.endpoint_url = snapshot_root, endpoint_url
         self.name = "embed"
@@ -53,6 +57,13 @@ class EmbedRecipe(Recipe):
         cfg = self.cfg
         self.per_worker = global_batch(min(cfg.batch_size, self.n), session.world)
         self.mlp = build_embed(cfg, self.dim, self.word_dim)
+        if cfg.standardize:  # before DDP wraps h: its buffers are broadcast from rank 0 anyway
+            if self.moments is not None:
+                self.mlp.set_moments(*self.moments)
+            elif self.train is not None:
+                self.mlp.standardize_features(self.train["x"])
+            else:
+                raise ValueError("embed: standardize needs the moments of the training features (or the features)")
         self.forward = session.prepare(self.mlp)
         self.opt = make_optimizer(self.mlp, cfg)
         self.schedule = make_scheduler(self.opt, cfg, cfg.epochs * max(1, self.n // (self.per_worker * session.world)))
