@@ -270,3 +270,21 @@ def test_the_epochs_scale_with_the_steps_a_small_corpus_gives():
     recipe.cfg = dataclasses.replace(recipe.cfg, min_steps=60, patience=None)
     history = run_recipe(recipe, LocalSession())
     assert len(history) == 10  # 6 steps an epoch: 60 steps need 10 epochs, not 3
+
+
+def test_a_reports_baseline_trains_without_epoch_lines_and_a_head_prints_them(capsys):
+    from tagray.eval.neighbors_report import visual_only_model
+    from tagray.eval.report import EvalConfig
+    from tagray.heads.recipes.linear import fit
+    from tagray.heads.split_arrays import SplitArrays
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 5)).astype(np.float32)
+    ids = rng.integers(0, 3, (40, 2)).astype(np.int32)
+    part = SplitArrays("train", np.arange(40), np.array([f"i{i}" for i in range(40)]), x, ids, ids, np.ones(40, bool))
+    capsys.readouterr()
+    visual_only_model(part, "labels", 3, dataclasses.replace(EvalConfig(), visual_only_epochs=2))
+    assert "epoch" not in capsys.readouterr().out  # the neighbours report's baseline: silent
+    fit(torch.from_numpy(x), torch.from_numpy((rng.random((40, 3)) < 0.3).astype(np.float32)),
+        HeadConfig(head="lr", epochs=2, batch_size=20))
+    assert "[lr] epoch 2/2" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def visual_only_model(train: SplitArrays, target: str, tags: int, cfg: EvalConfi
     y = multi_hot(train.targets(target), tags)
     head = HeadConfig(head="lr", epochs=cfg.visual_only_epochs, lr=cfg.visual_only_lr,
                       batch_size=min(cfg.visual_only_batch_size, len(train)), seed=cfg.seed)
-    return fit(torch.from_numpy(train.x), y, head)
+    return fit(torch.from_numpy(train.x), y, head, progress=False)  # a baseline: no epoch lines in the report
 
 
 def neighborhood_voting_scores(visual: np.ndarray, neighbors: np.ndarray, weight: float) -> np.ndarray:

@@ -122,9 +122,11 @@ class Recipe:
     _steps = 0
 
 
-def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None] | None = None,
+               progress: bool = True) -> list[dict]:
     """Trains `recipe` to its last epoch (or early stop) under `session`; returns the history,
-    one metrics row per finished epoch (the same rows the session's reports carry)."""
+    one metrics row per finished epoch (the same rows the session's reports carry). Rank 0
+    prints a line per epoch unless `progress` is off."""
     recipe.setup(session)
     history: list[dict] = []
     start, done_in_epoch, rows_before = recipe.first_epoch, 0, []
@@ -171,7 +173,7 @@ def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None
         stop = _no_progress(history, recipe)
         if stop:
             metrics["early_stop"] = True
-        if session.rank == 0:
+        if session.rank == 0 and progress:
             shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                              if isinstance(v, float) and k not in ("epoch_seconds",))
             print(f"[{recipe.name}] epoch {epoch}/{recipe.epochs} step {metrics['step']} {shown} "

@@ -104,13 +104,14 @@ class LinearRecipe(Recipe):
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, cfg: HeadConfig, model: LinearTagger | None = None,
-        on_epoch=None) -> LinearTagger:
+        on_epoch=None, progress: bool = True) -> LinearTagger:
     """Trains a linear head in this process (`run_recipe` under a LocalSession) on features
-    x (N, D) and dense 0/1 tags y (N, T); `model`: start from this one instead of a new one."""
+    x (N, D) and dense 0/1 tags y (N, T); `model`: start from this one instead of a new one;
+    `progress`: print a line per epoch (off for a report's baseline)."""
     from tagray.heads.recipe import LocalSession, run_recipe
 
     if len(x) == 0:
         raise ValueError("no training images")
     recipe = LinearRecipe(cfg, x.shape[1], y.shape[1], y.float().mean(0), len(x), train={"x": x, "y": y}, model=model)
-    run_recipe(recipe, LocalSession(), on_epoch)
+    run_recipe(recipe, LocalSession(), on_epoch, progress)
     return recipe.model
