@@ -4,8 +4,9 @@ Each stage owns one dataclass whose field defaults are the only place a default 
 defined; YAML files in `configs/`, `tune_configs/` and `serve_configs/` override
 fields. Unknown keys and wrong types are errors that name the file and the key.
 
-tagray's own `configs/*.yaml` are package data (`tagray/configs/`, read through
-`importlib.resources`), so an installed wheel finds them without a checkout: a config
+tagray's own `configs/*.yaml` and `tune_configs/*.yaml` are package data (`tagray/configs/`,
+`tagray/tune_configs/`, read through `importlib.resources`), so an installed wheel finds them
+without a checkout: a config
 name that is not a file here (`rlr.yaml`, or `configs/rlr.yaml` as the README writes it)
 is looked up there.
 """
@@ -32,6 +33,9 @@ CONFIG_DIR: Traversable = files("tagray") / "configs"
 # How the README and the YAML headers name them: `--config configs/rlr.yaml` works from any
 # directory that has no `configs/rlr.yaml` of its own.
 CONFIG_PREFIX = "configs"
+# The sweeps (`tagray tune --config tune_configs/neighbors.yaml`) ship too: in a wheel or a
+# container image there is no checkout to read them from.
+PACKAGED_FOLDERS = {CONFIG_PREFIX: CONFIG_DIR, "tune_configs": files("tagray") / "tune_configs"}
 
 
 class ConfigError(ValueError):
@@ -40,7 +44,8 @@ class ConfigError(ValueError):
 
 def resolve_config_path(name: str | Path | Traversable) -> Path | Traversable:
     """The config file `name`: the path as given when it is a file (relative to the working
-    directory), else the packaged config of that name (`rlr.yaml`, `configs/rlr.yaml`)."""
+    directory), else the packaged config of that name (`rlr.yaml`, `configs/rlr.yaml`,
+    `tune_configs/neighbors.yaml`)."""
     if not isinstance(name, (str, Path)):  # already a packaged resource (CONFIG_DIR / "x.yaml")
         if name.is_file():
             return name
@@ -50,9 +55,10 @@ def resolve_config_path(name: str | Path | Traversable) -> Path | Traversable:
         return path
     if not path.is_absolute():
         parts = PurePosixPath(path.as_posix()).parts
-        if parts[:1] == (CONFIG_PREFIX,):
+        folder = PACKAGED_FOLDERS.get(parts[0], CONFIG_DIR) if parts else CONFIG_DIR
+        if parts[:1] and parts[0] in PACKAGED_FOLDERS:
             parts = parts[1:]
-        candidate = CONFIG_DIR.joinpath(*parts) if parts else None
+        candidate = folder.joinpath(*parts) if parts else None
         if candidate is not None and candidate.is_file():
             return candidate
     if not CONFIG_DIR.is_dir():

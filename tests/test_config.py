@@ -33,7 +33,7 @@ CONFIG_CLASSES = {
 # `tagray train` YAMLs hold HeadConfig and TrainRunConfig fields together.
 TRAIN_CONFIGS = ("tagray/configs/lr.yaml", "tagray/configs/rlr.yaml", "tagray/configs/embed.yaml", "tagray/configs/neighbors.yaml", "tagray/configs/refine.yaml")
 # `tagray tune` sweeps: TuneConfig.
-TUNE_CONFIGS = ("tune_configs/neighbors.yaml", "tune_configs/refine.yaml")
+TUNE_CONFIGS = ("tagray/tune_configs/neighbors.yaml", "tagray/tune_configs/refine.yaml")
 # Ray Serve configs: applications[0].args are ServeConfig fields; deployments name ours.
 SERVE_CONFIGS = ("serve_configs/tagray.yaml",)
 # Cluster definitions (Ray cluster launcher, KubeRay): checked in tests/test_cluster.py.
@@ -41,7 +41,7 @@ CLUSTER_CONFIGS = ("clusters/aws-gpu.yaml", "clusters/local.yaml", "clusters/ray
 
 
 def _config_files() -> set[str]:
-    return {str(p.relative_to(REPO)) for d in ("tagray/configs", "tune_configs", "serve_configs", "clusters")
+    return {str(p.relative_to(REPO)) for d in ("tagray/configs", "tagray/tune_configs", "serve_configs", "clusters")
             for p in (REPO / d).glob("*.yaml")}
 
 
@@ -184,9 +184,9 @@ def test_the_drift_check_catches_repeated_and_unknown_settings(tmp_path, monkeyp
                                           "max_tgas: not a field of NormalizerConfig"),
         "tagray/configs/featurize.yaml": ("# Used by: tagray featurize … FeaturizeConfig\n{}\n# batch_size: 64  # GPU\n",
                                           "commented example batch_size: 64 is FeaturizeConfig's default"),
-        "tune_configs/refine.yaml": ("# Used by: tagray tune … TuneConfig\nhead: refine\nfixed:\n  epochs: 30  # same\n"
-                                     "search_space:\n  lambda1: {grid: [0.1, 1.0]}\n",
-                                     "fixed.epochs: 30 is RefineConfig's default"),
+        "tagray/tune_configs/refine.yaml": ("# Used by: tagray tune … TuneConfig\nhead: refine\nfixed:\n  epochs: 30  # same\n"
+                                            "search_space:\n  lambda1: {grid: [0.1, 1.0]}\n",
+                                            "fixed.epochs: 30 is RefineConfig's default"),
         "tagray/configs/lr.yaml": ("# Used by: tagray train … HeadConfig\nhead: rlr\n", "head: 'rlr' is not the file's head"),
     }
     for rel, (text, _) in cases.items():

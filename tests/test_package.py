@@ -31,6 +31,8 @@ def test_packaged_configs_resolve_from_any_directory(tmp_path, monkeypatch):
     for name in ("configs/rlr.yaml", "rlr.yaml"):
         found = resolve_config_path(name)
         assert found.is_file() and Path(str(found)).parent == Path(str(CONFIG_DIR))
+    sweep = resolve_config_path("tune_configs/neighbors.yaml")  # `tagray tune --config` from a wheel or an image
+    assert Path(str(sweep)) == Path(str(CONFIG_DIR)).parent / "tune_configs" / "neighbors.yaml"
     assert "camera" in load_yaml("configs/non_image_tags.yaml")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "rlr.yaml").write_text("# mine\nepochs: 7\n")
@@ -43,8 +45,9 @@ def test_packaged_configs_resolve_from_any_directory(tmp_path, monkeypatch):
 
 def test_every_packaged_config_ships_in_the_wheel_data():
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert 'tagray = ["configs/*.yaml"]' in pyproject
+    assert 'tagray = ["configs/*.yaml", "tune_configs/*.yaml"]' in pyproject
     assert not (REPO / "configs").exists(), "configs live in tagray/configs/ (package data)"
+    assert not (REPO / "tune_configs").exists(), "sweeps live in tagray/tune_configs/ (package data)"
     assert sorted(p.name for p in Path(str(CONFIG_DIR)).glob("*.yaml")) == sorted(
         p.name for p in (REPO / "tagray" / "configs").iterdir())
 
@@ -138,4 +141,8 @@ def test_wheel_runs_outside_the_checkout(tmp_path):
                   "worker_cpus=0.5"], work, env, timeout=600)
     model = json.loads((work / "model" / "model.json").read_text())
     assert model["head"] == "lr", model
+    # the sweeps ship too: tune_configs/neighbors.yaml is not a file here
+    sweep = _run([str(python), "-c", "from tagray.config import load_config; from tagray.tune.space import TuneConfig; "
+                  "print(load_config(TuneConfig, 'tune_configs/neighbors.yaml').head)"], work, env)
+    assert sweep.stdout.strip() == "neighbors", sweep.stdout + sweep.stderr
     assert (work / "model" / "weights.safetensors").is_file(), train.stdout[-2000:]
