@@ -67,3 +67,15 @@ def test_demo_end_to_end(demo_run):
     assert embed_report["verdict"]["learned"] in (True, False) and summary["stages"]["embed"]["verdict"]
     assert summary["stages"]["serve"]["tag"]["tags"] and summary["stages"]["serve"]["search"]["images"]
     assert "summary →" in out and str(tmp_path) in out and "serving at http://127.0.0.1:" in out
+
+
+def test_command_logging_keeps_tagrays_info_and_drops_faiss_loaders(caplog):
+    import logging
+
+    from tagray.commands.common import setup_logging
+
+    caplog.set_level(logging.INFO)
+    setup_logging()
+    logging.getLogger("faiss.loader").info("Could not load library with AVX2 support due to: ModuleNotFoundError")
+    logging.getLogger("tagray.index.build").info("index → out")
+    assert [r.name for r in caplog.records] == ["tagray.index.build"]

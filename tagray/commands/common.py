@@ -41,8 +41,16 @@ def add_endpoint(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Libraries whose INFO lines are not for a tagray user: faiss's loader reports, at INFO, that it
+# "could not load library with AVX2 support due to: ModuleNotFoundError" before loading its
+# generic build, every time an index is built or searched.
+QUIET_LOGGERS = ("faiss.loader",)
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _is_ray_error(e: BaseException) -> bool:
