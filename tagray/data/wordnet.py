@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import warnings
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,6 +70,28 @@ def search_dirs() -> list[str]:
     return list(dict.fromkeys([*env, str(LOCAL_NLTK_DATA)]))
 
 
+@contextmanager
+def _identity_mapping_skipped():
+    """nltk (3.9–3.10) builds, while loading WordNet, a map from WordNet 3.0's synsets to the
+    loaded version's for the Open Multilingual Wordnet (`map30`): it reads index.sense twice and
+    matches every sense key, 3.5 of the 5.3 s a process spent loading WordNet here. It means to
+    skip that when the loaded data is 3.0, but compares the version with the corpus name
+    ("wordnet"), so it never skips. tagray reads no OMW; for 3.0 data (what `tagray setup
+    wordnet` installs) the map is the identity, so it is skipped here (other versions keep it)."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    original = WordNetCorpusReader.map_wn
+
+    def map_wn(self, version="wordnet"):
+        return None if self.get_version() == "3.0" else original(self, version)
+
+    WordNetCorpusReader.map_wn = map_wn
+    try:
+        yield
+    finally:
+        WordNetCorpusReader.map_wn = original
+
+
 @lru_cache(maxsize=1)
 def wordnet():
     """nltk's WordNet reader, loaded once; a clear error when the data is missing."""
@@ -81,7 +104,8 @@ def wordnet():
     from nltk.corpus import wordnet as wn
 
     try:
-        wn.ensure_loaded()
+        with _identity_mapping_skipped():
+            wn.ensure_loaded()
     except LookupError as e:
         raise WordNetUnavailable(
             f"WordNet data for nltk not found (looked for corpora/wordnet in {', '.join(search_dirs())} "
