@@ -10,13 +10,13 @@ from tagray.config import ConfigError
 from tagray.heads.neighborhood import (
     NeighborhoodNet,
     NeighborsConfig,
-    feature_moments,
     gather_neighborhood,
     neighborhood_scores,
     neighbors_loss,
     sample_neighborhoods,
 )
 from tagray.heads.recipes.neighbors import fit_neighbors
+from tagray.heads.standardize import feature_moments
 
 
 def hand_net() -> NeighborhoodNet:

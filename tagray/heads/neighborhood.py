@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from tagray.config import ConfigError
-from tagray.heads.standardize import STD_FLOOR, StandardizedInput, feature_moments  # noqa: F401  (re-exported)
+from tagray.heads.standardize import StandardizedInput
 
 log = logging.getLogger(__name__)
 
