@@ -238,19 +238,20 @@ class Vocabulary:
         """(row, tag index) pairs of the in-vocabulary tags of each list."""
         return lookup_coo(normalized, self.tags)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, endpoint_url: str | None = None) -> None:
         """Writes `normalizer.json` and `vocabulary.json` into `directory` (a model dir)."""
         from tagray import jsonio
 
-        storage.write_text(storage.join(directory, NORMALIZER_FILE), jsonio.dumps(self.normalizer, NORMALIZER_FILE, indent=2))
+        storage.write_text(storage.join(directory, NORMALIZER_FILE), jsonio.dumps(self.normalizer, NORMALIZER_FILE, indent=2),
+                           endpoint_url)
         body = {"version": self.version, "tags": list(self.tags), "counts": list(self.counts)}
-        storage.write_text(storage.join(directory, VOCABULARY_FILE), jsonio.dumps(body, VOCABULARY_FILE))
+        storage.write_text(storage.join(directory, VOCABULARY_FILE), jsonio.dumps(body, VOCABULARY_FILE), endpoint_url)
 
     @classmethod
-    def load(cls, directory: str, expected: TagNormalizer | None = None) -> Vocabulary:
+    def load(cls, directory: str, expected: TagNormalizer | None = None, endpoint_url: str | None = None) -> Vocabulary:
         """Reads a saved vocabulary; NormalizerMismatch when `expected` has other settings."""
-        normalizer = json.loads(storage.read_text(storage.join(directory, NORMALIZER_FILE)))
-        body = json.loads(storage.read_text(storage.join(directory, VOCABULARY_FILE)))
+        normalizer = json.loads(storage.read_text(storage.join(directory, NORMALIZER_FILE), endpoint_url))
+        body = json.loads(storage.read_text(storage.join(directory, VOCABULARY_FILE), endpoint_url))
         if expected is not None:
             check_same_normalizer(normalizer, expected.identity(), directory)
         vocab = cls(tuple(body["tags"]), tuple(body["counts"]), normalizer)

@@ -94,7 +94,7 @@ def save_head(head: SavedHead, directory: str, endpoint_url: str | None = None) 
     }
     storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
     storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
-    head.vocab.save(directory)
+    head.vocab.save(directory, endpoint_url)
     return directory
 
 
@@ -126,7 +126,7 @@ def load_head(
         raise schema.SchemaError(f"{directory}: a {kind!r} head; this needs a linear head ({', '.join(HEADS)})")
     meta = json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))
     cfg = from_dict(HeadConfig, meta["config"], f"{directory}/{MODEL_FILE}")
-    vocab = Vocabulary.load(directory, normalizer)
+    vocab = Vocabulary.load(directory, normalizer, endpoint_url)
     if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = LinearTagger(meta["dim"], meta["tags"], cfg.em() if cfg.robust else None)

@@ -119,7 +119,7 @@ def save_embed_head(head: SavedEmbedHead, directory: str, endpoint_url: str | No
     }
     storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
     storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
-    head.vocab.save(directory)
+    head.vocab.save(directory, endpoint_url)
     return directory
 
 
@@ -128,7 +128,7 @@ def load_embed_head(directory: str, normalizer: TagNormalizer | None = None, end
     if meta.get("head") != "embed":
         raise schema.SchemaError(f"{directory}: a {meta.get('head')!r} head, not an embed head")
     cfg = from_dict(EmbedConfig, meta["config"], f"{directory}/{MODEL_FILE}")
-    vocab = Vocabulary.load(directory, normalizer)
+    vocab = Vocabulary.load(directory, normalizer, endpoint_url)
     if vocab.version != meta["vocabulary_version"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     mlp = TagMLP(meta["dim"], cfg.hidden, meta["word_dim"], cfg.dropout)

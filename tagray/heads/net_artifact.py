@@ -64,7 +64,7 @@ def save_net_head(head: SavedNetHead, directory: str, endpoint_url: str | None =
             "positives": [int(c) for c in head.positives]}
     storage.write_text(storage.join(directory, MODEL_FILE), jsonio.dumps(meta, MODEL_FILE, indent=1), endpoint_url)
     storage.write_text(storage.join(directory, METRICS_FILE), jsonio.dumps(head.metrics, METRICS_FILE, indent=1, default=str), endpoint_url)
-    head.vocab.save(directory)
+    head.vocab.save(directory, endpoint_url)
     return directory
 
 
@@ -75,7 +75,7 @@ def load_net_head(directory: str, normalizer: TagNormalizer | None = None, endpo
     meta = json.loads(storage.read_text(storage.join(directory, MODEL_FILE), endpoint_url))
     config_cls, build = _builder(kind)
     cfg = from_dict(config_cls, meta["config"], f"{directory}/{MODEL_FILE}")
-    vocab = Vocabulary.load(directory, normalizer)
+    vocab = Vocabulary.load(directory, normalizer, endpoint_url)
     if vocab.version != meta["vocabulary_version"] or len(vocab) != meta["tags"]:
         raise schema.SchemaError(f"{directory}: vocabulary.json does not belong to these weights")
     model = build(meta["dim"], meta["tags"], cfg)
