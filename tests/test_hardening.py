@@ -106,7 +106,7 @@ def test_sweep_keeps_a_bounded_number_of_checkpoints_by_the_metric():
     from tagray.tune.sweep import TRIAL_CHECKPOINTS_KEPT, checkpoint_config
 
     cfg = checkpoint_config(TuneConfig(head="neighbors", search_space={"m": {"grid": [2, 3]}}))
-    assert cfg.num_to_keep == TRIAL_CHECKPOINTS_KEPT and 1 <= cfg.num_to_keep <= 2
+    assert cfg.num_to_keep == TRIAL_CHECKPOINTS_KEPT and 1 <= cfg.num_to_keep <= 3
     assert (cfg.checkpoint_score_attribute, cfg.checkpoint_score_order) == ("val_map", "max")
 
 

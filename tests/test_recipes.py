@@ -288,3 +288,33 @@ def test_a_reports_baseline_trains_without_epoch_lines_and_a_head_prints_them(ca
     fit(torch.from_numpy(x), torch.from_numpy((rng.random((40, 3)) < 0.3).astype(np.float32)),
         HeadConfig(head="lr", epochs=2, batch_size=20))
     assert "[lr] epoch 2/2" in capsys.readouterr().out
+
+
+def _read_only(tree):
+    """Every array of `tree` read-only, as a Tune trial gets the driver's arrays (zero-copy views
+    of the object store)."""
+    if isinstance(tree, dict):
+        return {k: _read_only(v) for k, v in tree.items()}
+    if isinstance(tree, np.ndarray):
+        tree = tree.copy()
+        tree.setflags(write=False)
+    return tree
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_trains_on_read_only_arrays_sharing_them_without_a_warning(head):
+    import warnings
+
+    data = _read_only(_data())
+    recipe = _recipe(head, data)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch gives its read-only warning once per process otherwise
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_recipe(recipe, LocalSession(), progress=False)
+    finally:
+        torch.set_warn_always(warn_always)
+    assert not [w for w in caught if "not writable" in str(w.message)]
+    # the features are shared, not copied per trial (one copy per node in the object store)
+    assert np.shares_memory(recipe.x.numpy(), data["x"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -321,6 +322,18 @@ class LocalSession:
 
     def stream(self, per_worker: int, seed: int, epoch: int):
         return None
+
+
+def shared_tensor(a: Any) -> torch.Tensor:
+    """`a` as a tensor sharing its memory. A Tune trial's split arrays are zero-copy, read-only
+    views of the object store (one copy per node, shared by the node's trials); torch warns about
+    read-only arrays on every trial, and a copy would put one more copy of the features in memory
+    per trial. Nothing here writes these tensors."""
+    if isinstance(a, torch.Tensor):
+        return a
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.as_tensor(a)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 
 from tagray.data import schema
 from tagray.data.normalize import TagNormalizer, Vocabulary, lookup_coo
+from tagray.heads.recipe import shared_tensor
 
 TARGETS_SCHEMA = pa.schema(
     [
@@ -47,7 +48,7 @@ def padded_ids(lists: pa.Array | pa.ChunkedArray, width: int) -> np.ndarray:
 def multi_hot(tag_ids, tags: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, W) ids padded with −1 (numpy or torch) → (B, tags) 0/1: the one densifier of
     sparse targets (y or z of a minibatch), on the ids' device."""
-    ids = torch.as_tensor(np.asarray(tag_ids) if not isinstance(tag_ids, torch.Tensor) else tag_ids)
+    ids = shared_tensor(np.asarray(tag_ids) if not isinstance(tag_ids, torch.Tensor) else tag_ids)
     y = torch.zeros(ids.shape[0], tags + 1, dtype=dtype, device=ids.device)
     y.scatter_(1, torch.where(ids >= 0, ids, tags).long(), 1.0)
     return y[:, :tags]

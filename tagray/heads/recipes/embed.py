@@ -25,7 +25,7 @@ from tagray.heads.embedding import (
     make_scheduler,
     new_mlp,
 )
-from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch
+from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch, shared_tensor
 from tagray.heads.samplers import make_sampler
 
 SNAPSHOTS_KEPT = 3  # the run keeps 2 checkpoints; each names one snapshot
@@ -70,7 +70,7 @@ class EmbedRecipe(Recipe):
         self.sampler = make_sampler(cfg.sampler, self.counts, cfg.sampler_power, cfg.pool_size)
         self._steps = 0
         if self.train is not None:
-            self.x = torch.as_tensor(self.train["x"])
+            self.x = shared_tensor(self.train["x"])
             self.tag_ids = np.asarray(self.train["tag_ids"])
 
     def state_dict(self) -> dict:

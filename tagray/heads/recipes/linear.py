@@ -19,7 +19,7 @@ import torch
 
 from tagray.heads.fit import HeadConfig, make_optimizer, make_scheduler
 from tagray.heads.linear import LinearTagger, em_step
-from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch
+from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch, shared_tensor
 from tagray.heads.targets import multi_hot
 
 
@@ -60,7 +60,7 @@ class LinearRecipe(Recipe):
         self.schedule = make_scheduler(self.opt, cfg, cfg.epochs * per_epoch)
         self.reduce = session.all_reduce if session.world > 1 else None
         if self.train is not None:
-            self.x = torch.as_tensor(self.train["x"])
+            self.x = shared_tensor(self.train["x"])
             self.y = self.train.get("y")
             self.tag_ids = self.train.get("tag_ids")
 

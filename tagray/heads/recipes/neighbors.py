@@ -31,6 +31,7 @@ from tagray.heads.recipe import (
     epoch_indices,
     global_batch,
     scaled_epochs,
+    shared_tensor,
 )
 from tagray.heads.targets import multi_hot
 from tagray.metrics import mean_average_precision
@@ -52,7 +53,7 @@ def build_neighbors(cfg: NeighborsConfig, dim: int, tags: int, label_rate: np.nd
 
 def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig, device: torch.device | None = None) -> float:
     """mAP per label on a split: the truth columns `val["truth"]` of its `val["rows"]` (eq. 1 scores)."""
-    x = torch.as_tensor(val["x"]).to(device or torch.device("cpu"))
+    x = shared_tensor(val["x"]).to(device or torch.device("cpu"))
     scores = neighborhood_scores(model, x, val["neighbors"], cfg.m, cfg.test_samples, cfg.seed)
     return mean_average_precision(scores.numpy()[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
 
@@ -60,7 +61,7 @@ def validation_map(model: NeighborhoodNet, val: dict, cfg: NeighborsConfig, devi
 def _targets(train: dict, idx: np.ndarray, tags: int) -> torch.Tensor:
     """Dense 0/1 targets of rows `idx`: from padded `target_ids`, or the dense `y` given in-process."""
     if "y" in train:
-        return torch.as_tensor(train["y"])[idx].float()
+        return shared_tensor(train["y"])[idx].float()
     return multi_hot(train["target_ids"][idx], tags)
 
 
@@ -87,7 +88,7 @@ class NeighborsRecipe(ArrayRecipe):
             self.model.standardize_features(self.train["x"])
         self.forward = session.prepare(self.model)
         self.opt = make_optimizer(self.model, cfg)
-        self.x = torch.as_tensor(self.train["x"]).to(session.device)
+        self.x = shared_tensor(self.train["x"]).to(session.device)
         self.best = BestEpoch()
         self._steps = 0
 

@@ -24,6 +24,7 @@ from tagray.heads.recipe import (
     epoch_indices,
     global_batch,
     scaled_epochs,
+    shared_tensor,
 )
 from tagray.heads.refine import (
     RefineConfig,
@@ -48,7 +49,7 @@ def build_refine(cfg: RefineConfig, dim: int, tags: int) -> RefineNet:
 
 
 def validation_map(model: RefineNet, val: dict, device: torch.device | None = None) -> float:
-    scores = refine_scores(model, torch.as_tensor(val["x"]).to(device or torch.device("cpu"))).numpy()
+    scores = refine_scores(model, shared_tensor(val["x"]).to(device or torch.device("cpu"))).numpy()
     return mean_average_precision(scores[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
 
 
@@ -74,10 +75,10 @@ class RefineRecipe(ArrayRecipe):
         self.model = build_refine(cfg, self.dim, self.tags)
         self.forward = session.prepare(self.model)
         self.init_opt, self.opt, self.schedule = make_optimizers(self.model, cfg)
-        self.x = torch.as_tensor(self.train["x"]).to(session.device)
+        self.x = shared_tensor(self.train["x"]).to(session.device)
         g = self.train["y"] if "y" in self.train else multi_hot(self.train["tag_ids"], self.tags)
-        self.g = torch.as_tensor(g).float().to(session.device)
-        self.laplacian = tag_laplacian(torch.as_tensor(self.train["xi"]).float()).to(session.device)
+        self.g = shared_tensor(g).float().to(session.device)
+        self.laplacian = tag_laplacian(shared_tensor(self.train["xi"]).float()).to(session.device)
         self.best, self.phi0, self.candidates, self._steps = BestEpoch(), None, None, 0
 
     def state_dict(self) -> dict:
