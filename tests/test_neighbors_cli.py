@@ -192,7 +192,9 @@ def test_a_sweep_whose_every_trial_fails_names_the_error_and_keeps_the_table(cor
                      "search_space:\n  batch_size: {grid: [8192, 16384]}\ntrial_cpus: 1\n")
     out = tmp_path / "sweep"
     assert cli.main(["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "ϕ0 trained once for every trial" in printed.out  # batch_size does not change ϕ0 (PHI0_SETTINGS)
+    err = printed.err
     assert "every trial of the sweep failed" in err and str(out / "results.csv") in err
     assert "need at least batch_size" in err  # the first trial's own error
     rows = (out / "results.csv").read_text().splitlines()

@@ -318,3 +318,24 @@ def test_every_head_trains_on_read_only_arrays_sharing_them_without_a_warning(he
     assert not [w for w in caught if "not writable" in str(w.message)]
     # the features are shared, not copied per trial (one copy per node in the object store)
     assert np.shares_memory(recipe.x.numpy(), data["x"])
+
+
+def test_a_refine_run_on_a_shared_phi0_equals_one_that_trains_its_own():
+    from tagray.heads.recipes.refine import train_phi0
+
+    data = _data()
+    own = _recipe("refine", data)
+    history = run_recipe(own, LocalSession(), progress=False)
+    train = {"x": data["x"], "tag_ids": data["tag_ids"], "xi": np.eye(T, dtype=np.float32)}
+    phi0 = train_phi0(own.cfg, T, train)
+    shared = build_recipe("refine", own.cfg, {"tags": T, "val": data["val"], "train": train, "phi0": phi0})
+    again = run_recipe(shared, LocalSession(), progress=False)
+    keys = ("epoch", "step", "loss", "steps_in_epoch", "val_map", "best_val_map")
+    assert [[h[k] for k in keys] for h in again] == [[h[k] for k in keys] for h in history]
+    assert history[0]["steps_in_epoch"] > 0 and shared.steps_done() == own.steps_done()
+    mine, theirs = _weights(own), _weights(shared)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # a run with other refinement settings takes the same ϕ0; one with another ϕ0 setting refuses it
+    build_recipe("refine", dataclasses.replace(own.cfg, lambda1=0.1, max_rank=4), {"tags": T, "train": train, "phi0": phi0})
+    with pytest.raises(ValueError, match="shared ϕ0 was trained with"):
+        build_recipe("refine", dataclasses.replace(own.cfg, init_lr=0.01), {"tags": T, "train": train, "phi0": phi0})

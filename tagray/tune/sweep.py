@@ -6,6 +6,7 @@ through the object store (`tune.with_parameters`). A trial trains one configurat
 own process with the head's recipe under `run_recipe` — the loop the Ray Train worker runs,
 on the same arrays, so `tagray train` with the best settings is the same computation — reports
 validation mAP per label every epoch with a checkpoint, and ASHA stops the weak ones early. Trials run concurrently, as many as the cluster's CPUs (and GPUs) hold.
+A refine sweep over settings ϕ0 does not depend on trains ϕ0 once and every trial starts from it.
 
 Outputs under OUT: results.csv (one row per trial: its settings, best validation mAP, epochs
 run), mAP against each swept setting (sweep.png), best_model/ (a model directory that
@@ -136,11 +137,45 @@ def trial_inputs(head: str, cfg, data: SweepData) -> dict:
     return {"tags": data.tags, "train": {"x": train.x, "tag_ids": train.tag_ids, "xi": xi}, "val": data.validation("val")}
 
 
-def trial(config: dict, data: SweepData) -> None:
-    """One configuration of the sweep: the head's recipe under `run_recipe`, as `tagray train` runs it."""
+def trial(config: dict, data: SweepData, phi0: dict | None = None) -> None:
+    """One configuration of the sweep: the head's recipe under `run_recipe`, as `tagray train` runs
+    it (`phi0`: the refine sweep's shared ϕ0, `shared_phi0`)."""
     torch.set_num_threads(1)
     cfg = from_dict(head_config_class(data.head), config, "trial")
-    run_recipe(build_recipe(data.head, cfg, trial_inputs(data.head, cfg, data)), TuneSession())
+    inputs = trial_inputs(data.head, cfg, data)
+    if phi0 is not None:
+        inputs["phi0"] = phi0
+    run_recipe(build_recipe(data.head, cfg, inputs), TuneSession())
+
+
+def shared_phi0(sweep: TuneConfig, data: SweepData) -> dict | None:
+    """A refine sweep that varies none of the settings ϕ0 depends on (PHI0_SETTINGS: λ1, λ2, α, M,
+    m, the refinement's lr…) trains ϕ0 once, in a Ray task with one trial's resources, and every
+    trial starts from it: the same ϕ0, optimiser steps and epoch-0 row each would have trained
+    (tests/test_recipes.py), without N trials repeating the same Adam epochs. None otherwise."""
+    import ray
+
+    from tagray.heads.recipes.refine import PHI0_SETTINGS
+
+    if sweep.head != "refine" or set(sweep.search_space) & set(PHI0_SETTINGS):
+        return None
+    cfg = from_dict(head_config_class("refine"), dict(sweep.fixed), "fixed")
+    t0 = time.perf_counter()
+    task = ray.remote(_train_phi0).options(num_cpus=sweep.trial_cpus, num_gpus=sweep.trial_gpus)
+    phi0 = ray.get(task.remote(cfg, data))
+    print(f"[tune] ϕ0 trained once for every trial ({phi0['steps']} steps, {time.perf_counter() - t0:.1f}s): "
+          f"no swept setting changes it", flush=True)
+    return phi0
+
+
+def _train_phi0(cfg, data: SweepData) -> dict:
+    from tagray.heads.recipe import LocalSession
+    from tagray.heads.recipes.refine import train_phi0
+
+    torch.set_num_threads(1)  # as a trial: the same arithmetic, so the same ϕ0 a trial would train
+    inputs = trial_inputs("refine", cfg, data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return train_phi0(cfg, inputs["tags"], inputs["train"], LocalSession(device=device))
 
 
 def concurrency(sweep: TuneConfig) -> int:
@@ -174,16 +209,18 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
     t0 = time.perf_counter()
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", EXCESSIVE_SYNC_WARNING_S)
     data = data or SweepData(manifest_uri, features_uri, sweep, normalizer, endpoint_url)
-    trainable = tune.with_resources(tune.with_parameters(trial, data=data),
-                                    {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus})
     fs, base = ray_storage(out, endpoint_url)
     name = experiment_name(sweep, data)
     path = f"{base.rstrip('/')}/{name}"
     concurrent = concurrency(sweep)
+    resources = {"cpu": sweep.trial_cpus, "gpu": sweep.trial_gpus}
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[tune] resuming the sweep in {path}", flush=True)
+        # trials resume from their checkpoints (which hold their ϕ0); one not yet started trains its own
+        trainable = tune.with_resources(tune.with_parameters(trial, data=data), resources)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
+        trainable = tune.with_resources(tune.with_parameters(trial, data=data, phi0=shared_phi0(sweep, data)), resources)
         epochs = sweep.epochs() + (1 if sweep.head == "refine" else 0)  # refine reports ϕ0 as an epoch
         tuner = tune.Tuner(
             trainable,

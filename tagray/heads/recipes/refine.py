@@ -53,10 +53,25 @@ def validation_map(model: RefineNet, val: dict, device: torch.device | None = No
     return mean_average_precision(scores[val["rows"]][:, val["cols"]], val["truth"])["map_label"]
 
 
+# The settings ϕ0 depends on (with the data): runs that differ in none of them — a sweep over λ1, λ2,
+# α, M, m or the refinement's lr — can share one ϕ0 (`train_phi0`) instead of each training its own
+PHI0_SETTINGS = ("hidden", "dropout", "init_epochs", "min_init_steps", "max_init_epochs", "init_lr", "init_batch_size",
+                 "seed")
+
+
 class RefineRecipe(ArrayRecipe):
     name = "refine"
     first_epoch = 0  # ϕ0
     hint = "lower lr / init_lr"
+
+    def __init__(self, cfg: RefineConfig, tags: int, train: dict, val: dict | None = None,
+                 phi0: dict | None = None) -> None:
+        """`phi0`: a ϕ0 trained once for several runs (`train_phi0`, with the same PHI0_SETTINGS):
+        epoch 0 then loads it instead of training, and reports what its training did."""
+        super().__init__(cfg, tags, train, val)
+        if phi0 is not None and phi0["settings"] != phi0_settings(cfg):
+            raise ValueError(f"the shared ϕ0 was trained with {phi0['settings']}, this run needs {phi0_settings(cfg)}")
+        self.shared_phi0 = phi0
 
     def build(self):
         return build_refine(self.cfg, self.dim, self.tags)
@@ -69,7 +84,7 @@ class RefineRecipe(ArrayRecipe):
         self.init_per_worker = global_batch(min(cfg.init_batch_size, self.n), session.world, "init_batch_size")
         self.init_epochs = scaled_epochs(cfg.init_epochs, self.n, cfg.init_batch_size, session.world, cfg.min_init_steps,
                                          cfg.max_init_epochs)
-        if self.init_epochs != cfg.init_epochs and session.rank == 0:
+        if self.init_epochs != cfg.init_epochs and session.rank == 0 and self.shared_phi0 is None:
             print(f"[refine] ϕ0: {cfg.init_epochs} epochs are fewer than min_init_steps={cfg.min_init_steps} steps: "
                   f"{self.init_epochs} epochs", flush=True)
         self.model = build_refine(cfg, self.dim, self.tags)
@@ -80,6 +95,9 @@ class RefineRecipe(ArrayRecipe):
         self.g = shared_tensor(g).float().to(session.device)
         self.laplacian = tag_laplacian(shared_tensor(self.train["xi"]).float()).to(session.device)
         self.best, self.phi0, self.candidates, self._steps = BestEpoch(), None, None, 0
+        if self.shared_phi0 is not None:
+            self.model.load_state_dict(self.shared_phi0["state"])
+            self.init_epochs, self._steps = 0, int(self.shared_phi0["steps"])
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "init_optimizer": self.init_opt.state_dict(),
@@ -128,20 +146,40 @@ class RefineRecipe(ArrayRecipe):
                            session.world)
 
     def end_epoch(self, epoch: int, session: Session) -> dict[str, float]:
+        shared = {}
         if epoch == 0:
             self.phi0 = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            if self.shared_phi0 is not None:  # the row its own training would have written
+                shared = {"loss": self.shared_phi0["loss"], "steps_in_epoch": self.shared_phi0["steps"]}
         else:
             self.schedule.step()
         if session.rank != 0 or self.val is None:
-            return {}
+            return shared
         val_map = validation_map(self.model, self.val, session.device)
         self.best.update(epoch, val_map, self.model)
-        return {"val_map": val_map}
+        return {**shared, "val_map": val_map}
 
     def phi0_model(self) -> RefineNet:
         model = build_refine(self.cfg, self.dim, self.tags)
         model.load_state_dict(self.phi0)
         return model.eval()
+
+
+def phi0_settings(cfg: RefineConfig) -> dict:
+    return {k: getattr(cfg, k) for k in PHI0_SETTINGS}
+
+
+def train_phi0(cfg: RefineConfig, tags: int, train: dict, session: Session | None = None) -> dict:
+    """ϕ0 alone — epoch 0 of Algorithm 2, exactly as a run trains it — for runs that differ only in
+    settings ϕ0 does not depend on to share (RefineRecipe's `phi0`): its weights, optimiser steps,
+    mean loss and the PHI0_SETTINGS it was trained with."""
+    from tagray.heads.recipe import LocalSession, run_recipe
+
+    recipe = RefineRecipe(cfg, tags, train)
+    recipe.epochs = 0  # the loop runs epoch 0 (ϕ0) only
+    history = run_recipe(recipe, session or LocalSession(), progress=False)
+    return {"state": recipe.phi0, "steps": recipe.steps_done(), "loss": history[0]["loss"],
+            "settings": phi0_settings(cfg)}
 
 
 def fit_refine(x: torch.Tensor, g: torch.Tensor, xi: torch.Tensor, cfg: RefineConfig, val: dict | None = None,
