@@ -17,15 +17,14 @@ import io
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-BIN = Path(sys.executable).parent
+# the same corpus as the checkpoint benchmark (this folder is on sys.path when run as a script)
+from tune_checkpoints import corpus
 
 
 def main() -> None:
@@ -43,10 +42,7 @@ def main() -> None:
                     "images": args.images, "config": "tune_configs/refine.yaml", "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        subprocess.run([str(BIN / "tagray"), "synth", "--out", str(work / "c"), "--images", str(args.images),
-                        "--features-only"], check=True, capture_output=True)
-        subprocess.run([str(BIN / "tagray"), "split", "--manifest", str(work / "c" / "manifest.parquet"), "--out",
-                        str(work / "split.parquet")], check=True, capture_output=True)
+        manifest, features = corpus(work, args.images)
         init_ray(num_cpus=2)
         n = 0
         for r in range(args.repeat):
@@ -56,8 +52,8 @@ def main() -> None:
                 out, buf = work / f"run{n}", io.StringIO()
                 t0 = time.perf_counter()
                 with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-                    rc = cli.main(["tune", "--config", "tune_configs/refine.yaml", "--manifest", str(work / "split.parquet"),
-                                   "--features", str(work / "c" / "features.parquet"), "--out", str(out)])
+                    rc = cli.main(["tune", "--config", "tune_configs/refine.yaml", "--manifest", manifest,
+                                   "--features", features, "--out", str(out)])
                 wall = time.perf_counter() - t0
                 if rc != 0:
                     raise SystemExit(f"tagray tune failed:\n{buf.getvalue()[-3000:]}")

@@ -199,3 +199,15 @@ def test_a_sweep_whose_every_trial_fails_names_the_error_and_keeps_the_table(cor
     assert "need at least batch_size" in err  # the first trial's own error
     rows = (out / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and not (out / "best_model").exists()
+
+
+@pytest.mark.integration
+def test_a_refine_sweep_whose_shared_phi0_fails_says_so_before_any_trial(corpus, tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"  # a fixed batch size beyond the 6,401 training images: ϕ0's run refuses it
+    sweep.write_text("head: refine\nfixed: {epochs: 1, init_epochs: 1, hidden: 16, min_init_steps: 0, batch_size: 8192}\n"
+                     "search_space:\n  lambda1: {grid: [0.1, 1.0]}\ntrial_cpus: 1\n")
+    assert cli.main(["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(tmp_path / "sweep")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("tagray tune: error: training the sweep's shared ϕ0 (once, for every trial) failed: "
+                       "6401 training images: need at least batch_size=8192"), err[-3:]
+    assert not (tmp_path / "sweep" / "results.csv").exists()  # no trial ran

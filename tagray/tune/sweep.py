@@ -162,7 +162,11 @@ def shared_phi0(sweep: TuneConfig, data: SweepData) -> dict | None:
     cfg = from_dict(head_config_class("refine"), dict(sweep.fixed), "fixed")
     t0 = time.perf_counter()
     task = ray.remote(_train_phi0).options(num_cpus=sweep.trial_cpus, num_gpus=sweep.trial_gpus)
-    phi0 = ray.get(task.remote(cfg, data))
+    try:
+        phi0 = ray.get(task.remote(cfg, data))
+    except ray.exceptions.RayTaskError as e:  # every trial would fail the same way: say so once, before any runs
+        cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else e
+        raise SweepFailed(f"training the sweep's shared ϕ0 (once, for every trial) failed: {cause}") from None
     print(f"[tune] ϕ0 trained once for every trial ({phi0['steps']} steps, {time.perf_counter() - t0:.1f}s): "
           f"no swept setting changes it", flush=True)
     return phi0
