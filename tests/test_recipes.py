@@ -182,6 +182,70 @@ def test_early_stopping_after_patience_epochs_without_a_better_validation_metric
     assert history[-1]["early_stop"] is True and history[-1]["best_val_map"] == 0.6
 
 
+class _GlooSession(LocalSession):
+    """A worker of a real 2-process group (gloo on loopback): DDP and collectives as Ray Train's
+    TrainSession has them, without Ray."""
+
+    def prepare(self, model, **ddp):
+        return torch.nn.parallel.DistributedDataParallel(model, **ddp)
+
+    def all_reduce(self, t):
+        torch.distributed.all_reduce(t)
+        return t
+
+    def broadcast(self, t, src=0):
+        torch.distributed.broadcast(t, src)
+        return t
+
+    def barrier(self):
+        torch.distributed.barrier()
+
+
+def _early_stopping_rank(rank: int, port: int, results) -> None:
+    """One of two workers: the neighbours recipe with an lr too small to change any weight, so
+    validation mAP does not improve after epoch 1 and patience 1 stops it at epoch 2."""
+    import datetime
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        recipe = _recipe("neighbors", _data())
+        recipe.cfg = dataclasses.replace(recipe.cfg, epochs=6, lr=1e-30)
+        recipe.patience = 1
+        history = run_recipe(recipe, _GlooSession(world=2, rank=rank), progress=False)
+        results.put((rank, [h["epoch"] for h in history], history[-1].get("early_stop")))
+    except Exception as e:  # what the other rank saw when one left the loop alone
+        results.put((rank, repr(e), None))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_early_stopping_with_two_workers_stops_both_at_rank_0s_epoch():
+    """Only rank 0 validates; its decision to stop reaches the other workers (before, rank 0 left
+    the loop alone and rank 1 waited in the next epoch's all-reduce until the group's timeout:
+    `tagray train --workers 2` hung at its early stop). Two real processes, a deadline on each."""
+    import multiprocessing
+    import queue
+
+    from tests.conftest import free_port
+
+    ctx = multiprocessing.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_early_stopping_rank, args=(rank, port, results)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict((r, (epochs, stop)) for r, epochs, stop in (results.get(timeout=120) for _ in procs))
+    except queue.Empty:
+        got = {}
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got == {0: ([1, 2], True), 1: ([1, 2], True)}, got
+
+
 def test_the_global_batch_must_split_over_the_workers():
     assert global_batch(500, 4) == 125
     with pytest.raises(ValueError, match="batch_size=500 does not split over 3 workers"):

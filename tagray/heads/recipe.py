@@ -20,7 +20,8 @@ What the loop owns, for every head:
   the last good checkpoint stays the latest;
 - checkpoints every `checkpoint_every` steps and after every epoch (rank 0 writes; every
   worker reports, which is also the barrier);
-- early stopping on the validation metric (`patience` epochs without improvement);
+- early stopping on the validation metric (`patience` epochs without improvement), decided by
+  rank 0 (the one that validates) for every worker;
 - the per-epoch log line and metrics row (mean of the step outputs + `end_epoch`'s).
 """
 
@@ -171,7 +172,7 @@ def run_recipe(recipe: Recipe, session: Session, on_epoch: Callable[[dict], None
             best = max(best, metrics[recipe.val_metric])
             metrics[f"best_{recipe.val_metric}"] = best
         history.append(metrics)
-        stop = _no_progress(history, recipe)
+        stop = _agreed(session, _no_progress(history, recipe))
         if stop:
             metrics["early_stop"] = True
         if session.rank == 0 and progress:
@@ -209,6 +210,16 @@ def _means(rows: list[dict[str, float]]) -> dict[str, float]:
 def _best(history: list[dict], key: str | None) -> float:
     values = [h[key] for h in history if key and h.get(key) is not None]
     return max(values) if values else -float("inf")
+
+
+def _agreed(session: Session, stop: bool) -> bool:
+    """Rank 0's early-stopping decision on every worker. Only rank 0 validates (`end_epoch`), so
+    the other ranks' histories have no `val_metric`: deciding alone, rank 0 left the loop while
+    the others waited in the next epoch's first collective (DDP's all-reduce) until the process
+    group's timeout — `--workers 2` with a head's default `patience` hung at its early stop."""
+    if session.world == 1:
+        return stop
+    return bool(session.broadcast(torch.tensor([int(stop)], device=session.device), src=0).item())
 
 
 def _no_progress(history: list[dict], recipe: Recipe) -> bool:
