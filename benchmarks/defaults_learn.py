@@ -142,9 +142,14 @@ def train_embed(c: dict, rule: bool, overrides: dict):
     counts = data.counts.astype(np.float64)
     table = WordTable(init, cfg.word_optimizer, cfg.word_lr)
     n = int(tagged.sum())
+    # as `tagray train`: validation after every epoch (every val image: fewer than val_images here), the
+    # best epoch's h and words at the end
+    val = data.validation("val") if cfg.val_images else None
     recipe = EmbedRecipe(cfg, train.x.shape[1], table.shape[1], counts, table, n,
-                         train={"x": torch.from_numpy(train.x[tagged]), "tag_ids": train.tag_ids[tagged]})
-    return cfg, recipe, table, counts, _run(recipe, rule, n, cfg.batch_size)
+                         train={"x": torch.from_numpy(train.x[tagged]), "tag_ids": train.tag_ids[tagged]}, val=val)
+    history = _run(recipe, rule, n, cfg.batch_size)
+    recipe.restore_best()
+    return cfg, recipe, table, counts, history
 
 
 def embed_tagger(c: dict, cfg, recipe, table, counts, calibrate: bool = True):
@@ -167,7 +172,11 @@ def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
     cfg, recipe, table, counts, history = train_embed(c, rule, overrides)
     tagger = embed_tagger(c, cfg, recipe, table, counts)
     report, _ = evaluate_head(tagger, c["targets"], c["features"], EvalConfig(), "test", with_baselines=True)
-    return {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
+    out = {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
+    if recipe.val is not None:
+        out.update(best_epoch=recipe.best["epoch"], best_val_map=round(recipe.best["map"], 4),
+                   val_history=[round(h["val_map"], 4) for h in history])
+    return out
 
 
 def _val_summary(recipe, history: list[dict]) -> dict:

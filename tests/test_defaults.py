@@ -108,7 +108,10 @@ def train_and_report(head: str, corpus: Corpus) -> dict:
         table = WordTable(init, cfg.word_optimizer, cfg.word_lr)
         counts = data.counts.astype(np.float64)
         tagged = (train.tag_ids >= 0).any(1)  # the embed head trains on tagged images (tagray train: tagged_only)
-        mlp = fit_embed(x[torch.from_numpy(tagged)], train.tag_ids[tagged], table, counts, cfg)
+        # as `tagray train`: validation mAP after every epoch on the val images (all of them: fewer than
+        # cfg.val_images here), ending on the best epoch's h and words
+        val = data.validation("val") if cfg.val_images else None
+        mlp = fit_embed(x[torch.from_numpy(tagged)], train.tag_ids[tagged], table, counts, cfg, val=val)
         # as `tagray train` ends: per-tag Platt scaling of the user-tag scores on the tagged val images
         vectors = table.vectors[: data.tags].clone()
         (scale, offset), fit = fit_on_split(mlp, vectors, corpus.targets, corpus.features_uri, "val",

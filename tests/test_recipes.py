@@ -182,6 +182,29 @@ def test_early_stopping_after_patience_epochs_without_a_better_validation_metric
     assert history[-1]["early_stop"] is True and history[-1]["best_val_map"] == 0.6
 
 
+def test_the_embed_head_validates_every_epoch_and_ends_on_its_best_h_and_words():
+    """With a val sample, every epoch's row has the validation mAP of s = h(x)·v_t; the model
+    fit_embed returns is the best epoch's, h and word vectors together: validating it again gives
+    exactly the best row's figure (the last epoch's weights, or its h with the last words, would not)."""
+    from tagray.heads.recipes.embed import fit_embed, validation_map
+
+    data = _data()
+    cfg = EmbedConfig(epochs=6, batch_size=40, word_dim=8, oov_steps=0)
+    table = WordTable(np.random.default_rng(0).normal(scale=0.1, size=(T, 8)).astype(np.float32), cfg.word_optimizer,
+                      cfg.word_lr)
+    counts = np.bincount(data["tag_ids"][data["tag_ids"] >= 0], minlength=T)
+    history: list[dict] = []
+    # a validation truth the training tags contradict (each image's next concept), so what the
+    # head learns makes validation worse after a while: the best epoch is not the last
+    val = {**data["val"], "truth": np.roll(data["val"]["truth"], 1, axis=1)}
+    mlp = fit_embed(torch.from_numpy(data["x"]), data["tag_ids"], table, counts, cfg, on_epoch=history.append, val=val)
+    values = [h["val_map"] for h in history]
+    best = int(np.argmax(values))
+    assert len(values) == 6 and best < 5, values
+    assert history[-1]["best_val_map"] == max(values)
+    assert validation_map(mlp, table, val) == pytest.approx(values[best], abs=1e-6)
+
+
 class _GlooSession(LocalSession):
     """A worker of a real 2-process group (gloo on loopback): DDP and collectives as Ray Train's
     TrainSession has them, without Ray."""

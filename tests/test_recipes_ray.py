@@ -90,3 +90,46 @@ def test_a_tune_trial_is_the_same_computation_as_tagray_train(corpus, tmp_path):
     assert trained["best_val_map"] == pytest.approx(trial["best_val_map"], abs=1e-6)
     sweep_history = json.loads((out / "best_model" / "metrics.json").read_text())
     assert sweep_history["best_epoch"] == trained["best_epoch"]
+
+
+def test_the_embed_head_on_ray_keeps_its_best_epochs_h_and_words_from_the_shard_server(corpus):
+    """Validation on Ray Train with 2 word shards: the model written is the best epoch's h with the
+    word shards' snapshot of that epoch, which pruning kept while newer snapshots came and went.
+    The val images' labels are each one's next concept, which training contradicts, so the best
+    epoch is an early one."""
+    import numpy as np
+    import pyarrow as pa
+
+    from tagray.config import load_config
+    from tagray.data.normalize import NormalizerConfig, TagNormalizer
+    from tagray.data.schema import read_manifest, write_manifest
+    from tagray.heads.embed_artifact import load_embed_head
+    from tagray.heads.recipes.embed import SNAPSHOTS_KEPT, validation_map
+    from tagray.heads.word_table import WordTable
+    from tagray.train.embed_run import validation_sample
+    from tagray.train.run import training_inputs
+
+    m = read_manifest(corpus["manifest"])
+    names = sorted({n for ls in m.column("labels").to_pylist() if ls for n in ls})
+    following = {n: names[(i + 1) % len(names)] for i, n in enumerate(names)}
+    labels = [[following[n] for n in ls] if ls and split == "val" else ls
+              for ls, split in zip(m.column("labels").to_pylist(), m.column("split").to_pylist(), strict=True)]
+    manifest = str(corpus["dir"] / "manifest_val_contradicts.parquet")
+    write_manifest(m.set_column(m.column_names.index("labels"), "labels", pa.array(labels, pa.list_(pa.string()))),
+                   manifest)
+    out = corpus["dir"] / "embed-best"
+    argv = ["train", "--head", "embed", "--manifest", manifest, "--features", corpus["features"], "--out", str(out),
+            "--workers", "1", "shards=2", "worker_cpus=0.5", *QUICK["embed"], "epochs=5", "checkpoint_every=3"]
+    assert cli.main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    values = [h["val_map"] for h in metrics["history"]]
+    assert len(values) == 5 and metrics["validation"]["truth"] == "labels"
+    assert metrics["best_epoch"] == int(np.argmax(values)) + 1 < 5, values
+    assert metrics["best_val_map"] == max(values)
+    head = load_embed_head(str(out))
+    normalizer = TagNormalizer(load_config(NormalizerConfig, "normalize.yaml"))
+    inputs = training_inputs(manifest, corpus["features"], normalizer, 200, tagged_only=True)
+    val, _ = validation_sample(inputs, corpus["features"], head.config, normalizer.cfg.max_tags)
+    assert validation_map(head.mlp, WordTable(head.vectors.numpy()), val) == pytest.approx(max(values), abs=1e-5)
+    snapshots = sorted(p.name for p in (out / "_ray").glob("*/word_shards/step-*"))
+    assert len(snapshots) == SNAPSHOTS_KEPT + 1, snapshots  # the newest, and the best epoch's

@@ -11,13 +11,14 @@ import logging
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from tagray.config import to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
 from tagray.data.word_vectors import word_table_init
-from tagray.eval.training_plot import plot_history
+from tagray.eval.training_plot import plot_epochs, plot_history
 from tagray.features import store
 from tagray.features.open_clip_backbone import pretrained_vectors
 from tagray.heads.embed_artifact import SavedEmbedHead, save_embed_head
@@ -25,6 +26,7 @@ from tagray.heads.embedding import EmbedConfig, TagMLP
 from tagray.heads.fit import align
 from tagray.heads.oov import snap_oov
 from tagray.heads.recipes.embed import build_embed
+from tagray.heads.split_arrays import split_arrays, truth_of
 from tagray.heads.standardize import MOMENT_IMAGES, feature_moments
 from tagray.heads.user_tags import fit_on_split
 from tagray.train.driver import fit_on_ray
@@ -50,6 +52,8 @@ def train_embed(
     """Trains the word-embedding head on the train split's tagged images; returns the metrics
     also saved in `out`. `inputs`: what `training_inputs(…, tagged_only=True)` read, when the
     caller checked them before starting Ray."""
+    import ray
+
     t0 = time.perf_counter()
     inputs = inputs or training_inputs(manifest_uri, features_uri, normalizer, cfg.batch_size, endpoint_url,
                                        tagged_only=True)
@@ -68,7 +72,9 @@ def train_embed(
     print(f"[train] embed head: {inputs.n_train} tagged training images, {len(vocab)} tags, {len(words)} words "
           f"(d={word_dim}, {int(from_file.sum())} pretrained), {run.shards} shard(s), {run.workers} worker(s)", flush=True)
 
-    name = run_name(RUN_NAME, cfg, ("epochs", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors", "calibration_images"),
+    val, val_info = validation_sample(inputs, features_uri, cfg, normalizer.cfg.max_tags, endpoint_url)
+    name = run_name(RUN_NAME, cfg, ("epochs", "patience", "checkpoint_every", "oov_steps", "oov_lr", "oov_anchors",
+                                    "calibration_images"),
                     vocab.version, store.comparable(inputs.identity), run.workers, run.shards, len(words), run.materialize)
     snapshot_root = storage.join(out, "_ray", name, "word_shards")
     moments = training_moments(inputs, features_uri, cfg, endpoint_url) if cfg.standardize else None
@@ -77,17 +83,26 @@ def train_embed(
     try:
         state = fit_on_ray("embed", cfg, {"dim": inputs.dim, "word_dim": word_dim, "counts": counts,
                                           "train_images": inputs.n_train, "train": train, "snapshot_root": snapshot_root,
-                                          "endpoint_url": endpoint_url, "moments": moments},
+                                          "endpoint_url": endpoint_url, "moments": moments,
+                                          "val": ray.put(val) if val is not None else None},
                            run, out, name, endpoint_url, datasets,
                            extra={"shard_names": table.names, "words": len(words), "word_dim": word_dim})
         shard_stats = table.stats()
     finally:
         table.kill()
-    recipe_state = state["recipe"]
+    recipe_state, history = state["recipe"], state["history"]
+    best = recipe_state.get("best") or {}
     mlp = build_embed(cfg, inputs.dim, word_dim)
-    mlp.load_state_dict(recipe_state["mlp"])
+    if best.get("mlp") is not None and best.get("words"):  # the best epoch on validation: h and words together
+        mlp.load_state_dict(best["mlp"])
+        kept = best["words"]
+        print(f"[train] best epoch {best['epoch']} of {len(history)}: validation mAP {best['map']:.4f} on "
+              f"{val_info['images']} val images ({val_info['truth']})", flush=True)
+    else:
+        mlp.load_state_dict(recipe_state["mlp"])
+        kept = recipe_state["words"]
     mlp.eval()
-    trained = torch.from_numpy(read_snapshot(recipe_state["words"], run.shards, len(words), endpoint_url))
+    trained = torch.from_numpy(read_snapshot(kept, run.shards, len(words), endpoint_url))
 
     unseen = counts == 0
     snap: dict = {"words": int(unseen.sum()), "steps": 0}
@@ -102,7 +117,6 @@ def train_embed(
         vectors = trained
     user_tags, fit = calibration(mlp, vectors[: len(vocab)], inputs, features_uri, cfg, normalizer.cfg.max_tags,
                                  endpoint_url)
-    history = state["history"]
     metrics = {
         "head": "embed",
         "loss_kind": f"{'sampled ' if cfg.sampled else 'full '}{cfg.loss}{' (fixed word vectors)' if cfg.fixed_vectors else ''}",
@@ -115,6 +129,10 @@ def train_embed(
         "shards": run.shards,
         "steps": int(recipe_state["step"]),
         "final_loss": history[-1]["loss"] if history else None,
+        "validation": val_info,
+        "best_epoch": best.get("epoch") if best.get("mlp") is not None else None,
+        "best_val_map": best.get("map") if best.get("mlp") is not None else None,
+        "early_stop": bool(history and history[-1].get("early_stop")),
         "history": history,
         "oov_snapping": snap,
         "user_tags": fit,
@@ -129,8 +147,33 @@ def train_embed(
                        user_tags=user_tags, user_tags_fit=fit),
         out, endpoint_url,
     )
-    plot_history(history, out)
+    if val is not None:
+        plot_epochs(history, out, "word-embedding head")
+    else:
+        plot_history(history, out)
     return metrics
+
+
+def validation_sample(inputs: TrainingInputs, features_uri: str, cfg: EmbedConfig, width: int,
+                      endpoint_url: str | None = None) -> tuple[dict | None, dict]:
+    """The loop's validation set: a seeded sample of up to `cfg.val_images` val images with
+    features (the files it opens, not the store: `store.sample_features`) and their truth
+    (`truth_of`: labels where the sample has them, else user tags) — (val, how) or (None, why not)."""
+    if not cfg.val_images:
+        return None, {"images": 0, "reason": "val_images: 0"}
+    targets = inputs.targets
+    part = targets.filter(pc.equal(targets.column("split"), "val"))
+    features = store.sample_features(features_uri, part.column("image_id"), cfg.val_images, cfg.seed,
+                                     endpoint_url=endpoint_url) if part.num_rows else None
+    if features is None or not features.num_rows:
+        log.warning("train: no val images with features: no validation, the last epoch is the model "
+                    "(give the manifest a val split to keep the best epoch)")
+        return None, {"images": 0, "reason": "no val images with features"}
+    sample = split_arrays(targets, features, "val", width)
+    rows, cols, truth, kind = truth_of(sample, len(inputs.vocab))
+    log.info("train: validation mAP after every epoch on %d val images × %d tags (truth: %s)", len(rows), len(cols), kind)
+    return ({"x": sample.x, "rows": rows, "cols": cols, "truth": truth},
+            {"images": int(len(rows)), "tags": int(len(cols)), "truth": kind})
 
 
 

@@ -7,6 +7,13 @@ is `embed_step`: sample words, pull their rows, loss, backward, Adam on h, push 
 gradients ÷ world. The store is part of the state: a checkpoint snapshots it (the shard server
 to files under `snapshot_root`, the in-process table into the state itself), restoring puts it
 back before any worker pulls (the loop's barrier after restore).
+
+With `val` (a sample of val images and their truth, `validation_map`) rank 0 measures after
+every epoch the mAP per label of the content scores f·v_t and keeps the best epoch: a copy of h
+and, for the words, the epoch-end snapshot (the shard server; never pruned while it is the best)
+or the table's bytes (in process). The papers fix the epochs (seed 004: until the loss levels
+off); on another corpus the right number differs, and 20 epochs instead of 10 already overfit
+the synthetic one (BENCHMARKS, *Shipped defaults*).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from tagray.heads.embedding import (
 )
 from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch, shared_tensor
 from tagray.heads.samplers import make_sampler
+from tagray.metrics import mean_average_precision
 
 SNAPSHOTS_KEPT = 3  # the run keeps 2 checkpoints; each names one snapshot
 
@@ -36,14 +44,29 @@ def build_embed(cfg: EmbedConfig, dim: int, word_dim: int) -> TagMLP:
     return new_mlp(dim, word_dim, cfg)
 
 
+def validation_map(mlp: TagMLP, table, val: dict, device: torch.device | None = None) -> float:
+    """mAP per label of the content scores s = h(x)·v_t (eq. 2) on a split's sample: rows
+    `val["rows"]` of `val["x"]` against the 0/1 `val["truth"]` of the tags `val["cols"]` (ids of
+    the table's first rows, the training vocabulary's), pulled from the word store."""
+    was_training = mlp.training
+    mlp.eval()
+    with torch.no_grad():
+        f = mlp(shared_tensor(val["x"])[val["rows"]].to(device or torch.device("cpu")))
+        vectors = torch.as_tensor(table.pull(np.asarray(val["cols"], np.int64)), device=f.device)
+        scores = (f @ vectors.T).cpu().numpy()
+    mlp.train(was_training)
+    return mean_average_precision(scores, val["truth"])["map_label"]
+
+
 class EmbedRecipe(Recipe):
     hint = "lower lr / word_lr"
 
     def __init__(self, cfg: EmbedConfig, dim: int, word_dim: int, counts, table, train_images: int,
                  train: dict | None = None, snapshot_root: str | None = None, endpoint_url: str | None = None,
-                 moments: tuple | None = None) -> None:
+                 moments: tuple | None = None, val: dict | None = None) -> None:
         """`moments`: (mean, std) of φ over the training images (or a sample of them) for
-        `cfg.standardize`; without them they are taken from `train["x"]`."""
+        `cfg.standardize`; without them they are taken from `train["x"]`. `val`: see
+        `validation_map` (None: no validation, the last epoch is the model)."""
         self.cfg, self.dim, self.word_dim, self.counts = cfg, dim, word_dim, np.asarray(counts)
         self.moments = moments
         self.table, self.n, self.train = table, int(train_images), train
@@ -52,6 +75,12 @@ class EmbedRecipe(Recipe):
         self.epochs, self.seed = cfg.epochs, cfg.seed
         self.checkpoint_every = cfg.checkpoint_every
         self.words = table.shape[0]
+        self.val = val
+        if val is not None:
+            self.val_metric, self.patience = "val_map", cfg.patience
+        # the best epoch: its map, h's weights and its words (a snapshot's path, or the table's bytes)
+        self.best: dict = {"map": -1.0, "epoch": 0, "mlp": None, "words": None, "word_table": None}
+        self._best_pending = False  # a new best whose words the epoch-end snapshot records
 
     def setup(self, session: Session) -> None:
         cfg = self.cfg
@@ -79,9 +108,12 @@ class EmbedRecipe(Recipe):
         if self.snapshot_root is not None:  # the shard server: files beside the run's checkpoints
             state["words"] = self.table.snapshot(storage.join(self.snapshot_root, f"step-{self._steps:09d}"),
                                                  self.endpoint_url)
-            _prune(self.snapshot_root, self.endpoint_url)
+            if self._best_pending:  # the epoch that just validated best: its words are this snapshot
+                self.best["words"], self._best_pending = state["words"], False
+            _prune(self.snapshot_root, self.endpoint_url, keep=self.best["words"])
         else:
             state["word_table"] = self.table.state_bytes()
+        state["best"] = dict(self.best)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -89,6 +121,7 @@ class EmbedRecipe(Recipe):
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self._steps = int(state["step"])
+        self.best = dict(state.get("best") or self.best)
         if "words" in state:
             self._restore_words = state["words"]  # rank 0 restores the shards (restore_store)
         else:
@@ -97,6 +130,31 @@ class EmbedRecipe(Recipe):
     def after_restore(self, session: Session) -> None:
         if getattr(self, "_restore_words", None) and session.rank == 0:
             self.table.restore(self._restore_words)
+
+    def end_epoch(self, epoch: int, session: Session) -> dict[str, float]:
+        """Rank 0's validation mAP (after the barrier: every worker's word gradients are pushed)
+        and the best epoch's h and words."""
+        if self.val is None:
+            return {}
+        session.barrier()
+        if session.rank != 0:
+            return {}
+        val_map = validation_map(self.mlp, self.table, self.val, session.device)
+        if val_map > self.best["map"]:
+            self.best.update(map=val_map, epoch=epoch, mlp={k: v.detach().cpu().clone() for k, v in self.mlp.state_dict().items()})
+            if self.snapshot_root is not None:
+                self._best_pending = True
+            else:
+                self.best["word_table"] = self.table.state_bytes()
+        return {"val_map": val_map}
+
+    def restore_best(self) -> bool:
+        """In process: h and the word table back to the best epoch's (False: no validation ran)."""
+        if self.best["mlp"] is None:
+            return False
+        self.mlp.load_state_dict(self.best["mlp"])
+        self.table.load_bytes(self.best["word_table"])
+        return True
 
     def batches(self, epoch: int, session: Session) -> Iterable[dict]:
         self.sampler.new_epoch(np.random.default_rng([self.cfg.seed, epoch, session.rank]))
@@ -116,25 +174,31 @@ class EmbedRecipe(Recipe):
         return {"loss": loss}
 
 
-def _prune(root: str, endpoint_url: str | None) -> None:
-    """Keeps the SNAPSHOTS_KEPT newest word-shard snapshots under `root`."""
+def _prune(root: str, endpoint_url: str | None, keep: str | None = None) -> None:
+    """Keeps the SNAPSHOTS_KEPT newest word-shard snapshots under `root`, and `keep` (the best
+    epoch's) whatever its age."""
     import pyarrow.fs as pafs
 
     fs, path = storage.filesystem_for(root, endpoint_url)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     steps = sorted(i.path for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step-"))
+    kept = storage.filesystem_for(keep, endpoint_url)[1].rstrip("/") if keep else None
     for old in steps[:-SNAPSHOTS_KEPT]:
-        fs.delete_dir(old)
+        if old.rstrip("/") != kept:
+            fs.delete_dir(old)
 
 
 def fit_embed(x: torch.Tensor, tag_ids: np.ndarray, table, counts: np.ndarray, cfg: EmbedConfig,
-              on_epoch=None) -> TagMLP:
+              on_epoch=None, val: dict | None = None) -> TagMLP:
     """Trains h (and, through `table`, the word vectors) in this process on features x (N, D)
-    and padded tag ids (N, W) — every image must carry a tag."""
+    and padded tag ids (N, W) — every image must carry a tag. With `val` (see validation_map)
+    h and `table` end as the best epoch's."""
     from tagray.heads.recipe import LocalSession, run_recipe
 
     if len(x) == 0:
         raise ValueError("no training images")
-    recipe = EmbedRecipe(cfg, x.shape[1], table.shape[1], counts, table, len(x), train={"x": x, "tag_ids": tag_ids})
+    recipe = EmbedRecipe(cfg, x.shape[1], table.shape[1], counts, table, len(x), train={"x": x, "tag_ids": tag_ids},
+                         val=val)
     run_recipe(recipe, LocalSession(), on_epoch)
+    recipe.restore_best()
     return recipe.mlp.eval()
