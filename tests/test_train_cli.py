@@ -83,7 +83,7 @@ def test_model_directory_and_resume(small, rlr_one, capsys):
     per_epoch = first["steps"] // 4
     import ray
 
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"resuming after epoch 4 at step {4 * per_epoch}" in out
     # A worker's progress line is written once, to its stdout: Ray Train's print patch (off in
     # tagray.runtime) also logged every print to the worker's stderr, so the terminal showed it twice.
@@ -91,6 +91,12 @@ def test_model_directory_and_resume(small, rlr_one, capsys):
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     (stdout,), (stderr,) = logs.glob(f"worker-*-{pid}.out"), logs.glob(f"worker-*-{pid}.err")
     assert stdout.read_text().count("epoch 6/6") == 1 and "epoch 6/6" not in stderr.read_text()
+    # Ray Train's two lines per checkpoint stay in its log file, off the console (tagray/train/worker.py).
+    assert "(RayTrainWorker pid" in err + out  # what Ray forwards from the workers is in what was captured
+    assert "Checkpoint successfully created" not in err + out and "Reporting training result" not in err + out
+    worker_id = stdout.name.split("-")[1]
+    sys_log = logs / "train" / f"ray-train-sys-worker-{worker_id}.log"
+    assert sys_log.read_text().count("Checkpoint successfully created") >= 2
     assert second["steps"] == 6 * per_epoch
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3, 4, 5, 6]
     assert [h["step"] for h in second["history"]] == [per_epoch * e for e in range(1, 7)]

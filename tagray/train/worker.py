@@ -13,6 +13,7 @@ as object refs, read zero-copy, and scalars), "torch_threads", and for the embed
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -111,8 +112,30 @@ def resolve_inputs(inputs: dict) -> dict:
     return out
 
 
+# Ray Train (2.60) logs two INFO lines to the console for every checkpoint, on every worker: the
+# storage path it was copied to and the report with its metrics. tagray checkpoints every epoch (and
+# every `checkpoint_every` steps), so they outnumbered the loop's own progress line 2-4 to 1 and
+# buried it. They stay in Ray Train's log files (ray-train-sys-worker-*.log in the session's logs);
+# every other Ray Train line (worker group start, failures and retries) still reaches the console.
+PER_CHECKPOINT_LINES = ("Checkpoint successfully created at", "Reporting training result")
+
+
+class _NoPerCheckpointLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(PER_CHECKPOINT_LINES)
+
+
+def quiet_checkpoint_lines() -> None:
+    """Drops PER_CHECKPOINT_LINES from the console handler Ray Train gave this worker's
+    `ray.train` logger (its files keep them)."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if handler.get_name() == "console" and not any(isinstance(f, _NoPerCheckpointLines) for f in handler.filters):
+            handler.addFilter(_NoPerCheckpointLines())
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker for every head."""
+    quiet_checkpoint_lines()
     torch.set_num_threads(config.get("torch_threads", 1))
     session = TrainSession()
     with warnings.catch_warnings():  # torch.as_tensor over the object store's read-only arrays
