@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 METADATA = ("tags", "sets", "groups")
 TARGETS = ("tags", "labels")
 SEARCHES = ("index", "lsh")
+# The settings an image's Jaccard neighbours depend on (with the data), `max_rank` (M) aside: every
+# search ranks a row's candidates by similarity, then by the lower index, and its candidates do not
+# depend on M, so the M nearest are the first M columns of the M' ≥ M nearest (tests/test_tune_shared.py)
+NEIGHBOR_SETTINGS = ("metadata", "tau", "search", "max_posting", "lsh_bands", "lsh_rows", "lsh_window", "seed")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,9 @@ through the object store (`tune.with_parameters`). A trial trains one configurat
 own process with the head's recipe under `run_recipe` — the loop the Ray Train worker runs,
 on the same arrays, so `tagray train` with the best settings is the same computation — reports
 validation mAP per label every epoch with a checkpoint, and ASHA stops the weak ones early. Trials run concurrently, as many as the cluster's CPUs (and GPUs) hold.
-A refine sweep over settings ϕ0 does not depend on trains ϕ0 once and every trial starts from it.
+A refine sweep over settings ϕ0 does not depend on trains ϕ0 once and every trial starts from it;
+a neighbours sweep computes the Jaccard neighbours once per distinct NEIGHBOR_SETTINGS (at the
+largest M swept) and every trial takes its first M columns.
 
 Outputs under OUT: results.csv (one row per trial: its settings, best validation mAP, epochs
 run), mAP against each swept setting (sweep.png), best_model/ (a model directory that
@@ -16,7 +18,9 @@ experiment: re-running the same command resumes an interrupted sweep).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 from tagray import jsonio
-from tagray.config import from_dict, to_dict
+from tagray.config import ConfigError, from_dict, to_dict
 from tagray.data import storage
 from tagray.data.normalize import TagNormalizer
 from tagray.heads.recipe import run_recipe
@@ -121,13 +125,30 @@ class TuneSession:
         return None
 
 
-def trial_inputs(head: str, cfg, data: SweepData) -> dict:
+def neighbor_key(cfg) -> tuple:
+    """What a configuration's Jaccard neighbours depend on besides the data and M (NEIGHBOR_SETTINGS)."""
+    from tagray.heads.neighborhood import NEIGHBOR_SETTINGS
+
+    return tuple(getattr(cfg, k) for k in NEIGHBOR_SETTINGS)
+
+
+def trial_neighbors(cfg, data: SweepData, shared: dict | None = None) -> dict[str, np.ndarray]:
+    """The train and val splits' M nearest of one configuration: the first M columns of the sweep's
+    shared neighbours of its NEIGHBOR_SETTINGS (`shared_neighbors`), or computed here."""
+    found = (shared or {}).get(neighbor_key(cfg))
+    if found is not None and all(a.shape[1] >= cfg.max_rank for a in found.values()):
+        return {s: np.ascontiguousarray(a[:, : cfg.max_rank]) for s, a in found.items()}
+    parts = [data.parts["train"], data.parts["val"]]
+    return metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
+
+
+def trial_inputs(head: str, cfg, data: SweepData, neighbors: dict | None = None) -> dict:
     """The recipe inputs of one configuration — the same arrays `tagray train --head …` gives its
-    workers (tagray/train/neighbors_run.py, refine_run.py), so a trial is the same computation."""
+    workers (tagray/train/neighbors_run.py, refine_run.py), so a trial is the same computation.
+    `neighbors`: the sweep's shared Jaccard neighbours (`shared_neighbors`)."""
     train = data.parts["train"]
     if head == "neighbors":
-        parts = [data.parts["train"], data.parts["val"]]
-        nn = metadata_neighbors(data.lists[cfg.metadata], data.manifest.column("split"), parts, cfg, progress=False)
+        nn = trial_neighbors(cfg, data, neighbors)
         return {"tags": data.tags,
                 "train": {"target_ids": train.targets(cfg.target), "x": train.x, "neighbors": nn["train"]},
                 "val": {**data.validation("val"), "neighbors": nn["val"]}}
@@ -137,12 +158,13 @@ def trial_inputs(head: str, cfg, data: SweepData) -> dict:
     return {"tags": data.tags, "train": {"x": train.x, "tag_ids": train.tag_ids, "xi": xi}, "val": data.validation("val")}
 
 
-def trial(config: dict, data: SweepData, phi0: dict | None = None) -> None:
+def trial(config: dict, data: SweepData, phi0: dict | None = None, neighbors: dict | None = None) -> None:
     """One configuration of the sweep: the head's recipe under `run_recipe`, as `tagray train` runs
-    it (`phi0`: the refine sweep's shared ϕ0, `shared_phi0`)."""
+    it (`phi0`: the refine sweep's shared ϕ0, `shared_phi0`; `neighbors`: a neighbours sweep's
+    shared Jaccard neighbours, `shared_neighbors`)."""
     torch.set_num_threads(1)
     cfg = from_dict(head_config_class(data.head), config, "trial")
-    inputs = trial_inputs(data.head, cfg, data)
+    inputs = trial_inputs(data.head, cfg, data, neighbors)
     if phi0 is not None:
         inputs["phi0"] = phi0
     run_recipe(build_recipe(data.head, cfg, inputs), TuneSession())
@@ -170,6 +192,48 @@ def shared_phi0(sweep: TuneConfig, data: SweepData) -> dict | None:
     print(f"[tune] ϕ0 trained once for every trial ({phi0['steps']} steps, {time.perf_counter() - t0:.1f}s): "
           f"no swept setting changes it", flush=True)
     return phi0
+
+
+def shared_neighbors(sweep: TuneConfig, data: SweepData) -> dict:
+    """A neighbours sweep's Jaccard neighbours, computed once for each distinct NEIGHBOR_SETTINGS
+    among its configurations, at the largest `max_rank` swept: {neighbor_key: {"train", "val": (N, M)}}.
+    Each is a Ray task with one trial's resources, all at once; trials take their first M columns
+    (`trial_neighbors`) instead of each repeating the same search (minutes to hours at 10^5–10^6
+    images: BENCHMARKS, *Jaccard*). Empty when a setting they depend on is swept by a continuous
+    distribution (each trial then computes its own, as before)."""
+    import ray
+
+    from tagray.heads.neighborhood import NEIGHBOR_SETTINGS
+
+    if sweep.head != "neighbors":
+        return {}
+    values: dict[str, list] = {}
+    for key, spec in sweep.search_space.items():
+        if key in (*NEIGHBOR_SETTINGS, "max_rank"):
+            kind, options = next(iter(spec.items()))
+            if kind not in ("grid", "choice"):
+                return {}
+            values[key] = list(options)
+    base = from_dict(head_config_class("neighbors"), dict(sweep.fixed), "fixed")
+    widest = max(values.pop("max_rank", [base.max_rank]))
+    configs = {}
+    for combo in itertools.product(*values.values()):
+        try:
+            cfg = dataclasses.replace(base, **dict(zip(values, combo, strict=True)), max_rank=widest)
+        except ConfigError:  # a combination no trial can run (its trials fail with this error themselves)
+            continue
+        configs.setdefault(neighbor_key(cfg), cfg)
+    t0 = time.perf_counter()
+    task = ray.remote(_neighbors_of).options(num_cpus=sweep.trial_cpus)
+    ref = ray.put(data)
+    found = dict(zip(configs, ray.get([task.remote(cfg, ref) for cfg in configs.values()]), strict=True))
+    print(f"[tune] Jaccard neighbours computed once for {len(found)} setting(s) of {', '.join(NEIGHBOR_SETTINGS[:2])}… "
+          f"at M={widest} ({time.perf_counter() - t0:.1f}s): every trial takes its first M", flush=True)
+    return found
+
+
+def _neighbors_of(cfg, data: SweepData) -> dict[str, np.ndarray]:
+    return trial_neighbors(cfg, data)
 
 
 def _train_phi0(cfg, data: SweepData) -> dict:
@@ -224,7 +288,8 @@ def run_sweep(manifest_uri: str, features_uri: str, out: str, sweep: TuneConfig,
         trainable = tune.with_resources(tune.with_parameters(trial, data=data), resources)
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
-        trainable = tune.with_resources(tune.with_parameters(trial, data=data, phi0=shared_phi0(sweep, data)), resources)
+        trainable = tune.with_resources(tune.with_parameters(trial, data=data, phi0=shared_phi0(sweep, data),
+                                                             neighbors=shared_neighbors(sweep, data)), resources)
         epochs = sweep.epochs() + (1 if sweep.head == "refine" else 0)  # refine reports ϕ0 as an epoch
         tuner = tune.Tuner(
             trainable,
