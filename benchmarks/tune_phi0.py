@@ -82,7 +82,9 @@ def main() -> None:
                 row = {"mode": mode, "repeat": r + 1, "wall_s": round(wall, 1),
                        "trials_s": round(json.loads((out / "sweep.json").read_text())["trials_seconds"], 1),
                        "best_val_map": round(float(table["best_val_map"].max()), 4),
-                       "per_trial_best_val_map": [round(v, 4) for v in table["best_val_map"]]}
+                       "per_trial_best_val_map": [round(v, 4) for v in table["best_val_map"]],
+                       # ASHA stops trials by the order they report in (2 at once): a trial's epochs may differ
+                       "per_trial_epochs_run": [int(v) for v in table["epochs_run"]]}
                 print(json.dumps(row), flush=True)
                 result["runs"].append(row)
     Path(out_file).write_text(json.dumps(result, indent=1) + "\n")

@@ -156,8 +156,12 @@ def test_sweep_runs_under_tune_resumes_and_exports_a_loadable_best_model(corpus,
     argv = ["tune", "--config", str(sweep), *_inputs(corpus), "--out", str(out)]
     capsys.readouterr()
     assert cli.main(argv) == 0
+    printed = capsys.readouterr()
     # m and M do not change which images are nearest: one search at M=8, each trial its first M
-    assert "Jaccard neighbours computed once for 1 setting(s) of metadata, tau… at M=8" in capsys.readouterr().out
+    assert "Jaccard neighbours computed once for 1 setting(s) of metadata, tau… at M=8" in printed.out
+    # the trials' epoch lines reach the console, Ray's line per checkpoint does not (tagray/train/worker.py)
+    assert "(trial pid=" in printed.out + printed.err
+    assert "Checkpoint successfully created" not in printed.out + printed.err
     summary = _json(out / "sweep.json")
     assert summary["trials"] == 4 and summary["errored_trials"] == 0 and summary["concurrent_trials"] == 2
     text = (out / "results.csv").read_text()

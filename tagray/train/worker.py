@@ -133,6 +133,15 @@ def quiet_checkpoint_lines() -> None:
             handler.addFilter(_NoPerCheckpointLines())
 
 
+def quiet_trial_checkpoint_lines() -> None:
+    """The same line in a Ray Tune trial's process, where it has no file of its own (the trial's
+    stderr is what reaches the console): dropped at its logger; Tune's experiment state lists the
+    trial's checkpoints."""
+    storage_log = logging.getLogger("ray.train._internal.storage")
+    if not any(isinstance(f, _NoPerCheckpointLines) for f in storage_log.filters):
+        storage_log.addFilter(_NoPerCheckpointLines())
+
+
 def train_worker(config: dict) -> None:
     """Ray Train's train_loop_per_worker for every head."""
     quiet_checkpoint_lines()

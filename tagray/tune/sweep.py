@@ -41,7 +41,7 @@ from tagray.heads.recipes.neighbors import build_neighbors
 from tagray.heads.recipes.refine import build_refine
 from tagray.heads.split_arrays import SplitsData, metadata_lists, metadata_neighbors
 from tagray.train.run_config import ray_storage
-from tagray.train.worker import load_state, save_state
+from tagray.train.worker import load_state, quiet_trial_checkpoint_lines, save_state
 from tagray.tune.space import TuneConfig, head_config_class
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def trial(config: dict, data: SweepData, phi0: dict | None = None, neighbors: di
     """One configuration of the sweep: the head's recipe under `run_recipe`, as `tagray train` runs
     it (`phi0`: the refine sweep's shared ϕ0, `shared_phi0`; `neighbors`: a neighbours sweep's
     shared Jaccard neighbours, `shared_neighbors`)."""
+    quiet_trial_checkpoint_lines()
     torch.set_num_threads(1)
     cfg = from_dict(head_config_class(data.head), config, "trial")
     inputs = trial_inputs(data.head, cfg, data, neighbors)
