@@ -24,9 +24,18 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 TRAIN_POLL_S = "0.25"
 
 
-def job_env() -> dict[str, str]:
+# Ray Train (2.60) starts an actor per run that polls Ray for nodes being drained (an autoscaler
+# reclaiming a spot node), and its controller logs an error-level line about that actor's
+# constructor arguments at every start. A one-machine cluster that tagray itself starts has no
+# autoscaler: nothing drains its node. Off there (one process fewer per run); a cluster joined
+# through RAY_ADDRESS (`ray job submit`, KubeRay) keeps it. A value in the environment wins.
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def job_env(local: bool = False) -> dict[str, str]:
     """The env_vars of every tagray job's runtime_env: storage settings (FORWARDED_ENV), WordNet's
-    folders, and Ray Train's print patch off and its controller poll (TRAIN_POLL_S)."""
+    folders, Ray Train's print patch off and its controller poll (TRAIN_POLL_S); on a cluster this
+    process starts (`local`), Ray Train's preemption watcher off (PREEMPTION_WATCHER)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["NLTK_DATA"] = os.pathsep.join(search_dirs())  # $NLTK_DATA, then the checkout's .nltk_data
     # Ray Train (2.60) replaces print in its workers by a logger call that logs to stderr and, since
@@ -34,6 +43,8 @@ def job_env() -> dict[str, str]:
     # a training run reached the terminal twice. Off, a worker's print is Ray's ordinary stdout.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)
+    if local or PREEMPTION_WATCHER in os.environ:
+        env[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
     return env
 
 
@@ -44,11 +55,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    if local:
         # a cluster this process starts inherits its environment: Serve's proxy then caps request
         # bodies itself (tagray/serve/limits.py), not only the Ingress behind it
         os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "tagray.serve.limits:proxy_middlewares")
-    env = job_env()
+    env = job_env(local)
     ray.init(
         address=address,
         num_cpus=num_cpus if not (address or os.environ.get("RAY_ADDRESS")) else None,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tagray.runtime import TRAIN_POLL_S, job_env
+from tagray.runtime import PREEMPTION_WATCHER, TRAIN_POLL_S, job_env
 
 
 def test_job_env_turns_ray_trains_print_patch_off_sets_its_poll_and_carries_no_credentials(monkeypatch):
@@ -22,6 +22,14 @@ def test_job_env_turns_ray_trains_print_patch_off_sets_its_poll_and_carries_no_c
     assert job_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "1.5"
 
 
+def test_the_preemption_watcher_is_off_only_on_a_cluster_tagray_starts(monkeypatch):
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    assert job_env(local=True)[PREEMPTION_WATCHER] == "0"  # one machine, no autoscaler to drain it
+    assert PREEMPTION_WATCHER not in job_env(local=False)  # a joined cluster (ray job submit, KubeRay): Ray's default
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")  # the user's own setting wins either way
+    assert job_env(local=True)[PREEMPTION_WATCHER] == job_env(local=False)[PREEMPTION_WATCHER] == "1"
+
+
 @pytest.mark.integration
 def test_ray_processes_of_the_session_see_the_job_env(ray_local):
     """The session's cluster is started by init_ray, as `tagray train` starts or joins one: a task
@@ -30,7 +38,9 @@ def test_ray_processes_of_the_session_see_the_job_env(ray_local):
 
     @ray.remote(num_cpus=0)
     def seen() -> dict:
-        return {k: os.environ.get(k) for k in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+        return {k: os.environ.get(k) for k in ("RAY_TRAIN_ENABLE_PRINT_PATCH", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                               PREEMPTION_WATCHER)}
 
     assert ray.get(seen.remote(), timeout=120) == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S}
+                                                   "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TRAIN_POLL_S,
+                                                   PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
