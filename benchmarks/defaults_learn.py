@@ -174,7 +174,7 @@ def run_embed(c: dict, rule: bool, overrides: dict) -> dict:
     report, _ = evaluate_head(tagger, c["targets"], c["features"], EvalConfig(), "test", with_baselines=True)
     out = {**summary(report), "epochs": recipe.epochs, "steps": history[-1]["step"], "lr": cfg.lr}
     if recipe.val is not None:
-        out.update(best_epoch=recipe.best["epoch"], best_val_map=round(recipe.best["map"], 4),
+        out.update(best_epoch=recipe.best.state["epoch"], best_val_map=round(recipe.best.state["map"], 4),
                    val_history=[round(h["val_map"], 4) for h in history])
     return out
 

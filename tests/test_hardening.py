@@ -91,6 +91,13 @@ def test_float_settings_are_range_checked_and_nan_fails(cls, name, bad):
         cls(**{name: bad})
 
 
+def test_the_embed_heads_validation_settings_are_range_checked():
+    assert EmbedConfig(val_images=0, patience=None).val_images == 0  # off, and no early stopping
+    for bad in ({"val_images": -1}, {"patience": 0}):
+        with pytest.raises(ConfigError, match=r"need val_images ≥ 0 \(0: off\) and patience ≥ 1 \(or null\)"):
+            EmbedConfig(**bad)
+
+
 def test_tune_settings_are_finite():
     base = {"head": "neighbors", "search_space": {"m": {"grid": [2, 3]}}}
     assert TuneConfig(**base).trial_cpus == 1.0

@@ -93,8 +93,8 @@ def train_embed(
     recipe_state, history = state["recipe"], state["history"]
     best = recipe_state.get("best") or {}
     mlp = build_embed(cfg, inputs.dim, word_dim)
-    if best.get("mlp") is not None and best.get("words"):  # the best epoch on validation: h and words together
-        mlp.load_state_dict(best["mlp"])
+    if best.get("model") is not None and best.get("words"):  # the best epoch on validation: h and words together
+        mlp.load_state_dict(best["model"])
         kept = best["words"]
         print(f"[train] best epoch {best['epoch']} of {len(history)}: validation mAP {best['map']:.4f} on "
               f"{val_info['images']} val images ({val_info['truth']})", flush=True)
@@ -130,8 +130,8 @@ def train_embed(
         "steps": int(recipe_state["step"]),
         "final_loss": history[-1]["loss"] if history else None,
         "validation": val_info,
-        "best_epoch": best.get("epoch") if best.get("mlp") is not None else None,
-        "best_val_map": best.get("map") if best.get("mlp") is not None else None,
+        "best_epoch": best.get("epoch") if best.get("model") is not None else None,
+        "best_val_map": best.get("map") if best.get("model") is not None else None,
         "early_stop": bool(history and history[-1].get("early_stop")),
         "history": history,
         "oov_snapping": snap,

@@ -32,7 +32,14 @@ from tagray.heads.embedding import (
     make_scheduler,
     new_mlp,
 )
-from tagray.heads.recipe import Recipe, Session, epoch_indices, global_batch, shared_tensor
+from tagray.heads.recipe import (
+    BestEpoch,
+    Recipe,
+    Session,
+    epoch_indices,
+    global_batch,
+    shared_tensor,
+)
 from tagray.heads.samplers import make_sampler
 from tagray.metrics import mean_average_precision
 
@@ -78,8 +85,9 @@ class EmbedRecipe(Recipe):
         self.val = val
         if val is not None:
             self.val_metric, self.patience = "val_map", cfg.patience
-        # the best epoch: its map, h's weights and its words (a snapshot's path, or the table's bytes)
-        self.best: dict = {"map": -1.0, "epoch": 0, "mlp": None, "words": None, "word_table": None}
+        # the best epoch (its map and h's weights, as every head's), plus its words: "words" (a snapshot's
+        # path) on the shard server, "word_table" (the table's bytes) in process
+        self.best = BestEpoch()
         self._best_pending = False  # a new best whose words the epoch-end snapshot records
 
     def setup(self, session: Session) -> None:
@@ -109,11 +117,11 @@ class EmbedRecipe(Recipe):
             state["words"] = self.table.snapshot(storage.join(self.snapshot_root, f"step-{self._steps:09d}"),
                                                  self.endpoint_url)
             if self._best_pending:  # the epoch that just validated best: its words are this snapshot
-                self.best["words"], self._best_pending = state["words"], False
-            _prune(self.snapshot_root, self.endpoint_url, keep=self.best["words"])
+                self.best.state["words"], self._best_pending = state["words"], False
+            _prune(self.snapshot_root, self.endpoint_url, keep=self.best.state.get("words"))
         else:
             state["word_table"] = self.table.state_bytes()
-        state["best"] = dict(self.best)
+        state["best"] = dict(self.best.state)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -121,7 +129,7 @@ class EmbedRecipe(Recipe):
         self.opt.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self._steps = int(state["step"])
-        self.best = dict(state.get("best") or self.best)
+        self.best = BestEpoch(state.get("best"))
         if "words" in state:
             self._restore_words = state["words"]  # rank 0 restores the shards (restore_store)
         else:
@@ -140,20 +148,20 @@ class EmbedRecipe(Recipe):
         if session.rank != 0:
             return {}
         val_map = validation_map(self.mlp, self.table, self.val, session.device)
-        if val_map > self.best["map"]:
-            self.best.update(map=val_map, epoch=epoch, mlp={k: v.detach().cpu().clone() for k, v in self.mlp.state_dict().items()})
+        if val_map > self.best.state["map"]:
+            self.best.update(epoch, val_map, self.mlp)
             if self.snapshot_root is not None:
                 self._best_pending = True
             else:
-                self.best["word_table"] = self.table.state_bytes()
+                self.best.state["word_table"] = self.table.state_bytes()
         return {"val_map": val_map}
 
     def restore_best(self) -> bool:
         """In process: h and the word table back to the best epoch's (False: no validation ran)."""
-        if self.best["mlp"] is None:
+        if self.best.state["model"] is None:
             return False
-        self.mlp.load_state_dict(self.best["mlp"])
-        self.table.load_bytes(self.best["word_table"])
+        self.mlp.load_state_dict(self.best.state["model"])
+        self.table.load_bytes(self.best.state["word_table"])
         return True
 
     def batches(self, epoch: int, session: Session) -> Iterable[dict]:
